@@ -1,0 +1,18 @@
+"""hf_attn_swap: attention surgery for Hugging Face transformers.
+
+``import hf_attn_swap`` registers the package's attention implementations, mask functions and Auto classes.
+"""
+
+from .architectures import UnsupportedArchitectureError, get_adapter, supported_model_types
+from .gqa import convert_to_gqa
+from .report import ConversionReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionReport",
+    "UnsupportedArchitectureError",
+    "convert_to_gqa",
+    "get_adapter",
+    "supported_model_types",
+]

@@ -1,0 +1,113 @@
+"""Checkpoint-level operations behind the CLI: load, convert a folder into a new folder, copy tokenizer files.
+
+The source folder is only ever read. The output folder is written through ``atomic_output_dir``: it appears
+complete or not at all.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from .architectures import get_adapter
+from .io import atomic_output_dir, check_output, check_source, parse_dtype
+from .report import ConversionReport
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def load_causal_lm(
+    path: str | Path, dtype: str | torch.dtype = "auto", attn_implementation: str | None = None
+):
+    """``AutoModelForCausalLM.from_pretrained`` in eval mode, with readable errors for bad paths/dtypes."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = parse_dtype(dtype)
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if Path(str(path)).expanduser().exists():
+        path = check_source(path)
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def convert_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    to: str = "gqa",
+    *,
+    num_key_value_heads: int | None = None,
+    method: str = "mean",
+    calibration_data=None,
+    calibration_tokens: int = 8192,
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> ConversionReport:
+    """Load ``src``, convert it, and save the result (weights, config, tokenizer, ``conversion.json``) to ``out``.
+
+    Everything that can be checked from the config (family, head counts, dtype, paths) is checked before any
+    weight is loaded; nothing is written to ``out`` unless the conversion succeeds.
+    """
+    from transformers import AutoConfig
+
+    from .gqa import convert_to_gqa, validate_num_key_value_heads
+    from .gqa.convert import GQA_METHODS
+
+    src = check_source(src)
+    out = check_output(out, src=src, overwrite=overwrite)
+    torch_dtype = parse_dtype(dtype)
+    config = AutoConfig.from_pretrained(src)
+    adapter = get_adapter(config)
+    layout = adapter.layout(config)
+    if to != "gqa":
+        raise ValueError(f"unknown conversion target {to!r}; choose gqa")
+    if num_key_value_heads is None:
+        raise ValueError("--to gqa needs --num-kv-heads N (1 = MQA)")
+    validate_num_key_value_heads(layout, num_key_value_heads)
+    if method not in GQA_METHODS:
+        raise ValueError(f"unknown GQA method {method!r}; choose one of {sorted(GQA_METHODS)}")
+    gqa_method = GQA_METHODS[method]
+
+    model = load_causal_lm(src, dtype=torch_dtype)
+    calibration = None
+    if gqa_method.needs_calibration:
+        from .calibration import collect_attention_inputs_from_files
+
+        calibration = collect_attention_inputs_from_files(
+            model, load_tokenizer(src), calibration_data, max_tokens=calibration_tokens
+        )
+    report = convert_to_gqa(model, num_key_value_heads, method=gqa_method, calibration=calibration)
+    report.details["source"] = str(src)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        copy_tokenizer_files(src, tmp)
+        report.save(tmp)
+    return report

@@ -1,0 +1,279 @@
+"""``hf-attn-swap``: a thin command line over the Python API (one ``_cmd_*`` function per sub-command)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+EVAL_DEFAULTS = {"max_tokens": 4096, "window": 1024}
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` atomically (temp file + rename)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """``columns``: (key, header). Floats get 4 significant decimals, None prints as an em dash."""
+
+    def fmt(value):
+        if value is None:
+            return "—"
+        if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+            return str(int(value))
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+        return str(value)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(k)) for k, _ in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- example-model ---------------------------------------------------------------------------------------------
+def _cmd_example_model(args) -> int:
+    from .examples import example_model_path
+
+    print(example_model_path(args.name, refresh=args.refresh))
+    return 0
+
+
+# -- convert ---------------------------------------------------------------------------------------------------
+def _cmd_convert(args) -> int:
+    from .checkpoint import convert_checkpoint
+
+    report = convert_checkpoint(
+        args.src,
+        args.out,
+        to=args.to,
+        num_key_value_heads=args.num_kv_heads,
+        method=args.method,
+        calibration_data=args.calibration_data,
+        calibration_tokens=args.calibration_tokens,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    print(report)
+    print(f"saved to {args.out}")
+    return 0
+
+
+# -- eval ------------------------------------------------------------------------------------------------------
+def evaluate_checkpoints(
+    models: dict[str, str],
+    data,
+    reference: str | None,
+    max_tokens: int,
+    window: int,
+    batch_size: int = 1,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+) -> dict[str, dict]:
+    """Load each checkpoint (name -> path) once, evaluate all on the same windows; adds measured KV bytes."""
+    from .checkpoint import load_causal_lm, load_tokenizer
+    from .data import default_eval_files, load_token_ids, resolve_text_files
+    from .evaluation import evaluate_models, measure_kv_cache_bytes_per_token
+
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
+    files = resolve_text_files(data or default_eval_files())
+    first_path = next(iter(models.values()))
+    tokenizer = load_tokenizer(reference or first_path)
+    token_ids = load_token_ids(tokenizer, files, max_tokens)
+    loaded = {name: load_causal_lm(path, dtype, attn_implementation) for name, path in models.items()}
+    ref_model = None
+    if reference is not None:
+        same = [name for name, path in models.items() if Path(path).resolve() == Path(reference).resolve()]
+        ref_model = loaded[same[0]] if same else load_causal_lm(reference, dtype, attn_implementation)
+        vocab_ref = ref_model.get_output_embeddings().weight.shape[0]
+        for name, model in loaded.items():
+            if model.get_output_embeddings().weight.shape[0] != vocab_ref:
+                raise ValueError(f"{name} and the reference have different vocabularies: KL is undefined")
+    results = evaluate_models(loaded, token_ids, window=window, reference=ref_model, batch_size=batch_size)
+    for name, model in loaded.items():
+        results[name].update(
+            model=str(models[name]),
+            reference=None if reference is None else str(reference),
+            num_key_value_heads=getattr(model.config, "num_key_value_heads", None),
+            kv_cache_bytes_per_token=measure_kv_cache_bytes_per_token(model, token_ids[:16]),
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            attn_implementation=model.config._attn_implementation,
+            data=[str(f) for f in files[:50]] + ([f"... {len(files) - 50} more"] if len(files) > 50 else []),
+            max_tokens=max_tokens,
+        )
+    return results
+
+
+EVAL_COLUMNS = [
+    ("name", "model"),
+    ("num_key_value_heads", "KV heads"),
+    ("kv_cache_bytes_per_token", "KV bytes/token (measured)"),
+    ("perplexity", "perplexity"),
+    ("kl_to_reference", "KL to reference (nats)"),
+    ("top1_agreement", "top-1 agreement"),
+    ("tokens", "scored tokens"),
+]
+
+
+def _cmd_eval(args) -> int:
+    results = evaluate_checkpoints(
+        {Path(args.model).name: args.model},
+        args.data,
+        args.reference,
+        args.max_tokens,
+        args.window,
+        args.batch_size,
+        args.dtype,
+        args.attn_implementation,
+    )
+    ((name, result),) = results.items()
+    result = {**result, "command": sys.argv, "machine": machine_info()}
+    print(markdown_table([{"name": name, **result}], EVAL_COLUMNS))
+    if args.json:
+        print(f"wrote {write_json(args.json, result)}")
+    return 0
+
+
+# -- demo (the README's main job) ------------------------------------------------------------------------------
+def _cmd_demo(args) -> int:
+    from .checkpoint import convert_checkpoint
+    from .examples import example_model_path
+
+    src = example_model_path("smollm2")
+    workdir = Path(args.workdir).expanduser()
+    converted = workdir / f"SmolLM2-135M-Instruct-kv{args.num_kv_heads}-{args.method}"
+    report = convert_checkpoint(
+        src,
+        converted,
+        to="gqa",
+        num_key_value_heads=args.num_kv_heads,
+        method=args.method,
+        calibration_data=args.calibration_data,
+        overwrite=True,
+    )
+    print(report)
+    models = {
+        "original (3 KV heads)": str(src),
+        f"{args.method}-pooled ({args.num_kv_heads} KV heads)": str(converted),
+    }
+    results = evaluate_checkpoints(models, args.data, str(src), args.max_tokens, args.window)
+    rows = [{"name": name, **r} for name, r in results.items()]
+    print()
+    print(markdown_table(rows, EVAL_COLUMNS))
+    payload = {
+        "results": results,
+        "conversion": report.to_dict(),
+        "command": sys.argv,
+        "machine": machine_info(),
+    }
+    print(f"\nwrote {write_json(workdir / 'demo.json', payload)}")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------------------------
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="FILE",
+        help="text files or folders (default: the Python tutorial, python3.11-doc)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=EVAL_DEFAULTS["max_tokens"],
+        help="score the first N tokens (default %(default)s)",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=EVAL_DEFAULTS["window"],
+        help="tokens per independent window (default %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-attn-swap", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "example-model", help="materialise a packaged real model as a safetensors folder; prints its path"
+    )
+    p.add_argument("name", choices=["smollm2", "minilm"])
+    p.add_argument("--refresh", action="store_true", help="rebuild the cached folder")
+    p.set_defaults(func=_cmd_example_model)
+
+    p = sub.add_parser("convert", help="convert a checkpoint folder SRC into a new folder OUT")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--to", choices=["gqa"], required=True, help="target attention")
+    p.add_argument("--num-kv-heads", type=int, help="gqa: KV heads after conversion (1 = MQA)")
+    p.add_argument("--method", default="mean", help="gqa: initialisation method (default %(default)s)")
+    p.add_argument("--calibration-data", nargs="+", metavar="FILE", help="text for activation-aware methods")
+    p.add_argument("--calibration-tokens", type=int, default=8192)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype to load and save (default: the checkpoint's)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("eval", help="perplexity, KL to a reference and measured KV bytes/token on local text")
+    p.add_argument("model")
+    _add_eval_options(p)
+    p.add_argument("--reference", help="checkpoint whose next-token distributions KL is measured against")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--attn-implementation", help="e.g. sdpa, eager")
+    p.add_argument("--json", metavar="OUT", help="write the metrics to this JSON file")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="main job: convert the packaged SmolLM2 to MQA and evaluate both")
+    _add_eval_options(p)
+    p.add_argument("--num-kv-heads", type=int, default=1)
+    p.add_argument("--method", default="mean")
+    p.add_argument("--calibration-data", nargs="+", metavar="FILE")
+    p.add_argument("--workdir", default="runs/demo", help="where the converted model and demo.json go")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as err:
+        print(f"hf-attn-swap {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

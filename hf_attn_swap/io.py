@@ -1,0 +1,102 @@
+"""Output folders that appear whole or not at all, and guards that keep the source checkpoint untouched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
+    """``"float32" | "bfloat16" | "float16" | "auto"`` -> torch dtype (or ``"auto"``)."""
+    if name is None or name == "auto":
+        return "auto"
+    if isinstance(name, torch.dtype):
+        if name in DTYPES.values():
+            return name
+        name = str(name)
+    key = str(name).removeprefix("torch.")
+    aliases = {
+        "fp32": "float32",
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "half": "float16",
+        "float": "float32",
+    }
+    key = aliases.get(key, key)
+    if key not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def check_source(src: str | Path) -> Path:
+    """A local checkpoint folder with a ``config.json`` (raises ``FileNotFoundError`` naming the fix)."""
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"source checkpoint {str(path)!r} does not exist. Pass a local folder saved with save_pretrained "
+            "(for the packaged models: hf-attn-swap example-model smollm2)."
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no config.json: it is not a transformers checkpoint folder"
+        )
+    return path
+
+
+def check_output(out: str | Path, src: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Refuse outputs that would clobber something: an existing OUT (unless ``overwrite``) or the source."""
+    out = Path(out).expanduser()
+    if src is not None:
+        s, o = Path(src).expanduser().resolve(), out.resolve()
+        if o == s or s in o.parents or o in s.parents:
+            raise ValueError(
+                f"output {str(out)!r} overlaps the source checkpoint {str(src)!r}: choose another OUT"
+            )
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {str(out)!r} already exists: pass --overwrite or choose another OUT")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {str(out)!r} exists and is not a folder")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary folder next to ``out``; on success it is renamed to ``out`` in one step.
+
+    On any exception (or KeyboardInterrupt) the temporary folder is deleted and ``out`` is left as it was. A
+    hard kill can leave only ``.<name>.partial-*`` behind, never a half-written ``out``.
+    """
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                raise FileExistsError(f"output {str(out)!r} appeared while writing; not replacing it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cache_dir() -> Path:
+    """Where materialised example models live: ``$HF_ATTN_SWAP_CACHE`` or ``~/.cache/hf_attn_swap``."""
+    root = (
+        os.environ.get("HF_ATTN_SWAP_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_attn_swap"
+    )
+    return Path(root).expanduser()

@@ -1,0 +1,63 @@
+"""Tiny random models built from configs (hidden 64, 2 layers): the fixtures for exactness tests, notebooks and
+recipe smoke runs. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+#: model_type -> extra config fields that make a tiny model of that family representative
+FAMILY_OVERRIDES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},  # q/k/v biases are built in
+    "qwen3": {},  # q_norm / k_norm
+    "gemma": {"hidden_activation": "gelu_pytorch_tanh"},
+    "gemma2": {
+        "sliding_window": 8,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "query_pre_attn_scalar": 16,
+        "hidden_activation": "gelu_pytorch_tanh",
+    },
+    "phi3": {"pad_token_id": 0},
+}
+
+
+def tiny_config(
+    model_type: str = "llama",
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 4,
+    head_dim: int = 16,
+    **overrides,
+):
+    """A 2-layer, hidden-64 config of ``model_type`` with the given head layout."""
+    fields = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(FAMILY_OVERRIDES.get(model_type, {}))
+    fields.update(overrides)
+    if model_type == "phi3":  # Phi-3 derives head_dim from hidden_size
+        fields["hidden_size"] = num_attention_heads * fields.pop("head_dim")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, attn_implementation: str = "eager", **config_kwargs):
+    """A float32 random causal LM with larger-than-default init so attention patterns are not uniform."""
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **config_kwargs)
+    config.initializer_range = 0.2
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation=attn_implementation, dtype=torch.float32
+    )
+    return model.eval()
