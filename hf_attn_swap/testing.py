@@ -61,3 +61,49 @@ def tiny_model(model_type: str = "llama", seed: int = 0, attn_implementation: st
         config, attn_implementation=attn_implementation, dtype=torch.float32
     )
     return model.eval()
+
+
+TINY_TOKENIZER_TEXT = (
+    "Python is an easy to learn, powerful programming language. It has efficient high-level data structures "
+    "and a simple but effective approach to object-oriented programming. The interpreter and the extensive "
+    "standard library are freely available in source or binary form for all major platforms.\n"
+)
+
+
+def tiny_tokenizer(text: str | None = None, vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained in milliseconds on ``text`` (any input text stays encodable)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text or TINY_TOKENIZER_TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_checkpoint(
+    folder, model_type: str = "llama", seed: int = 0, text: str | None = None, **config_kwargs
+):
+    """Save a tiny random causal LM *with a matching tokenizer* to ``folder`` (a stand-in for a real
+    checkpoint in recipe tests and notebooks); returns the folder."""
+    from pathlib import Path
+
+    tokenizer = tiny_tokenizer(text)
+    config_kwargs.setdefault("vocab_size", len(tokenizer))
+    model = tiny_model(model_type, seed=seed, attn_implementation="sdpa", **config_kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
