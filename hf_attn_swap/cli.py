@@ -196,6 +196,29 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+# -- uptrain ---------------------------------------------------------------------------------------------------
+def _cmd_uptrain(args) -> int:
+    from .uptrain import UptrainConfig, uptrain
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "json")}
+    if args.config:
+        base = UptrainConfig.from_yaml(args.config)
+        config = UptrainConfig.from_dict({**vars(base), **given})
+    else:
+        config = UptrainConfig.from_dict(given)
+    record = uptrain(config)
+    if record is not None:
+        print(
+            f"{config.mode}: {record['tokens_trained']} tokens in {record['wall_seconds']} s, loss "
+            f"{record['first_loss']:.4g} -> {record['final_loss']:.4g}; saved to {config.output}"
+        )
+        if args.json:
+            print(
+                f"wrote {write_json(args.json, {**record, 'command': sys.argv, 'machine': machine_info()})}"
+            )
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------------------------
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -263,6 +286,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-data", nargs="+", metavar="FILE")
     p.add_argument("--workdir", default="runs/demo", help="where the converted model and demo.json go")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "uptrain",
+        help="train a converted checkpoint MODEL back towards the original on local text; saves OUT",
+        description="Modes: layerwise (attention regresses the original attention outputs), distill (KL to the "
+        "original logits), lora (adapters on the converted attention, merged), full (next-token loss). "
+        "Rerunning the same command resumes from the newest checkpoint in OUT.checkpoints.",
+    )
+    S = argparse.SUPPRESS
+    p.add_argument("model", help="converted checkpoint folder (any format from_pretrained loads)")
+    p.add_argument("output", metavar="out", help="folder for the trained model (same format as MODEL)")
+    p.add_argument(
+        "--data", nargs="+", metavar="FILE", default=S, help="training text (default: Python library docs)"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=S, help="training-token budget (rounded up to whole steps)"
+    )
+    p.add_argument(
+        "--mode", choices=["layerwise", "distill", "lora", "full"], default=S, help="default layerwise"
+    )
+    p.add_argument(
+        "--teacher", default=S, help="original model (default: the source in MODEL/conversion.json)"
+    )
+    p.add_argument("--config", help="YAML recipe (recipes/configs/*.yaml) supplying defaults for the flags")
+    p.add_argument("--block-size", type=int, default=S, help="tokens per training sequence (default 512)")
+    p.add_argument(
+        "--batch-size", type=int, default=S, help="sequences per device per micro-step (default 1)"
+    )
+    p.add_argument("--gradient-accumulation-steps", type=int, default=S)
+    p.add_argument("--learning-rate", "--lr", type=float, default=S, help="default: the mode's")
+    p.add_argument("--lr-scheduler", default=S, help="transformers scheduler name (default cosine)")
+    p.add_argument("--warmup-ratio", type=float, default=S)
+    p.add_argument("--weight-decay", type=float, default=S)
+    p.add_argument("--max-grad-norm", type=float, default=S)
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--trainable", choices=["attention", "all"], default=S, help="full/distill: what trains")
+    p.add_argument("--lora-r", type=int, default=S)
+    p.add_argument("--lora-alpha", type=int, default=S)
+    p.add_argument("--lora-dropout", type=float, default=S)
+    p.add_argument("--kl-temperature", type=float, default=S)
+    p.add_argument("--ce-weight", type=float, default=S, help="distill: weight of the next-token loss added")
+    p.add_argument("--bf16", action="store_true", default=S, help="bf16 autocast (GPU)")
+    p.add_argument("--attn-implementation", default=S)
+    p.add_argument(
+        "--save-steps", type=int, default=S, help="checkpoint every N optimizer steps (default 50)"
+    )
+    p.add_argument("--logging-steps", type=int, default=S)
+    p.add_argument("--checkpoint-dir", default=S, help="default: OUT.checkpoints")
+    p.add_argument(
+        "--no-resume", dest="resume", action="store_false", default=S, help="discard old checkpoints"
+    )
+    p.add_argument("--keep-checkpoints", action="store_true", default=S)
+    p.add_argument("--overwrite", action="store_true", default=S, help="replace OUT if it exists")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    p.add_argument(
+        "--eval-data", nargs="+", metavar="FILE", default=S, help="held-out text (default: tutorial)"
+    )
+    p.add_argument(
+        "--eval-tokens", type=int, default=S, help="score N held-out tokens before and after (0: off)"
+    )
+    p.add_argument("--eval-window", type=int, default=S)
+    p.add_argument("--json", metavar="FILE", help="also write the training record here")
+    p.set_defaults(func=_cmd_uptrain)
     return parser
 
 

@@ -1,0 +1,88 @@
+"""PNG figures (matplotlib, headless): uptraining loss curves, quality vs KV budget, decode speed vs context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_loss_curve(
+    log_history: list[dict], tokens_per_step: int, path, title: str = "uptraining loss"
+) -> Path:
+    """Training loss (Trainer ``log_history`` entries with ``loss``) against training tokens."""
+    plt = _pyplot()
+    points = [(e["step"] * tokens_per_step, e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if points:
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_quality_vs_kv(results: dict[str, dict], path, metrics: list[tuple[str, str]] | None = None) -> Path:
+    """One panel per metric (key, label): each model is a labelled point at its measured KV bytes/token.
+
+    ``results``: model name -> flat metrics (``kv_cache_bytes_per_token`` plus the metric keys).
+    Perplexity is drawn on a log axis.
+    """
+    plt = _pyplot()
+    metrics = metrics or [("perplexity", "perplexity")]
+    metrics = [(k, label) for k, label in metrics if any(r.get(k) is not None for r in results.values())]
+    metrics = metrics or [("perplexity", "perplexity")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics, strict=True):
+        for name, r in results.items():
+            x, y = r.get("kv_cache_bytes_per_token"), r.get(key)
+            if x is None or y is None:
+                continue
+            ax.scatter([x], [y])
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if key == "perplexity":
+            ax.set_yscale("log")
+        ax.set_xlabel("KV cache bytes / token (measured)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs KV budget")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_decode_speed(results: dict[str, list[dict]], path) -> Path:
+    """Decode tokens/s against context length, one line per model (``results``: name -> speed rows)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in results.items():
+        rows = sorted(rows, key=lambda r: r["context"])
+        ax.plot(
+            [r["context"] for r in rows],
+            [r["decode_tokens_per_second"] for r in rows],
+            marker="o",
+            label=name,
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title("decode speed vs context")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,69 @@
+"""The contract of an uptraining mode (what it trains, which loss) and helpers the modes share."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..architectures import UnsupportedArchitectureError, get_adapter
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention module of every decoder layer, in order, for any converted format.
+
+    Uses the family's adapter when one is registered, else every module's ``self_attn`` child (the
+    transformers convention, e.g. a stock ``deepseek_v3`` export of an MLA conversion).
+    """
+    try:
+        return get_adapter(model).attention_modules(model)
+    except UnsupportedArchitectureError:
+        found = [m.self_attn for m in model.modules() if isinstance(getattr(m, "self_attn", None), nn.Module)]
+        if not found:
+            raise
+        return found
+
+
+def set_trainable(model: nn.Module, which: str) -> int:
+    """``which="all"``: every parameter; ``"attention"``: only the attention modules'. Returns the count."""
+    if which not in ("all", "attention"):
+        raise ValueError(f"trainable must be 'attention' or 'all', got {which!r}")
+    for p in model.parameters():
+        p.requires_grad_(which == "all")
+    if which == "attention":
+        for attn in attention_modules(model):
+            for p in attn.parameters():
+                p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under DDP/accelerate wrappers (hooks go on its modules)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+class Objective:
+    """An uptraining mode.
+
+    ``prepare`` freezes / wraps the loaded converted model, ``loss`` maps a batch of token blocks
+    ``input_ids`` [B, T] to a scalar, ``finalize`` turns what was trained back into a plain model of the
+    converted format (e.g. merges LoRA).
+    """
+
+    name: str = ""
+    needs_teacher: bool = False
+    default_trainable: str = "all"
+    default_learning_rate: float = 1e-4
+
+    def prepare(self, model: nn.Module, config) -> nn.Module:
+        set_trainable(model, config.trainable or self.default_trainable)
+        return model
+
+    def loss(
+        self, model: nn.Module, input_ids: torch.Tensor, teacher: nn.Module | None, config
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return model
