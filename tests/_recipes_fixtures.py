@@ -1,0 +1,40 @@
+"""Shared set-up for the recipe tests: a tiny checkpoint with a real tokenizer, its MQA conversion, text."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from hf_attn_swap.data import PYTHON_DOCS
+from hf_attn_swap.testing import TINY_TOKENIZER_TEXT, save_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sample_text(part: str = "tutorial", chars: int = 40_000) -> str:
+    """Real English (the Python docs) when installed, else the built-in paragraph repeated."""
+    folder = PYTHON_DOCS / part
+    if folder.is_dir():
+        text = "\n\n".join(p.read_text() for p in sorted(folder.glob("*.txt")))
+    else:
+        text = TINY_TOKENIZER_TEXT * (chars // len(TINY_TOKENIZER_TEXT) + 1)
+    return text[:chars]
+
+
+def make_tiny_pair(root: Path) -> tuple[Path, Path]:
+    """(original tiny Llama with 4 query / 2 KV heads, its mean-pooled MQA conversion with conversion.json)."""
+    from hf_attn_swap.checkpoint import convert_checkpoint
+
+    src = save_tiny_checkpoint(
+        root / "tiny", text=sample_text(), num_attention_heads=4, num_key_value_heads=2
+    )
+    convert_checkpoint(src, root / "tiny-mqa", to="gqa", num_key_value_heads=1)
+    return src, root / "tiny-mqa"
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
