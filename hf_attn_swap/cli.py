@@ -141,9 +141,24 @@ EVAL_COLUMNS = [
 ]
 
 
+def parse_model_specs(specs: list[str]) -> dict[str, str]:
+    """``PATH`` or ``NAME=PATH`` -> {name: path} (name defaults to the folder name)."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or Path(spec).expanduser().exists():
+            name, path = Path(spec).name, spec
+        if name in models:
+            raise ValueError(f"two models are named {name!r}: give them names with NAME=PATH")
+        models[name] = path
+    return models
+
+
 def _cmd_eval(args) -> int:
-    results = evaluate_checkpoints(
-        {Path(args.model).name: args.model},
+    from .eval_suite import evaluate_suite, suite_markdown, suite_plots
+
+    results = evaluate_suite(
+        parse_model_specs(args.model),
         args.data,
         args.reference,
         args.max_tokens,
@@ -151,12 +166,28 @@ def _cmd_eval(args) -> int:
         args.batch_size,
         args.dtype,
         args.attn_implementation,
+        tasks=args.tasks,
+        task_limit=args.task_limit,
+        num_fewshot=args.num_fewshot,
+        decode_contexts=args.decode_contexts,
+        new_tokens=args.new_tokens,
     )
-    ((name, result),) = results.items()
-    result = {**result, "command": sys.argv, "machine": machine_info()}
-    print(markdown_table([{"name": name, **result}], EVAL_COLUMNS))
+    meta = {"command": sys.argv, "machine": machine_info()}
+    # one model: its metrics at the top level (the original contract); always: every model under "models"
+    payload = {**next(iter(results.values())), **meta} if len(results) == 1 else dict(meta)
+    payload["models"] = results
+    table = suite_markdown(results)
+    print(table)
     if args.json:
-        print(f"wrote {write_json(args.json, result)}")
+        print(f"wrote {write_json(args.json, payload)}")
+    if args.markdown:
+        path = Path(args.markdown).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{table}\n\nCommand: `{' '.join(sys.argv)}`\n")
+        print(f"wrote {path}")
+    if args.plots:
+        for path in suite_plots(results, args.plots):
+            print(f"wrote {path}")
     return 0
 
 
@@ -219,6 +250,32 @@ def _cmd_uptrain(args) -> int:
     return 0
 
 
+# -- push ------------------------------------------------------------------------------------------------------
+def _cmd_push(args) -> int:
+    from .hub import push_to_hub
+
+    result = push_to_hub(
+        args.model,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        eval_json=args.eval_json,
+        base_model=args.base_model,
+        commit_message=args.commit_message,
+        dry_run=args.dry_run,
+    )
+    for name in result["skipped"]:
+        print(f"skipped {name} (pickle-based weights are never uploaded; safetensors only)")
+    if args.dry_run:
+        print("files:", ", ".join(result["files"]))
+        print(result["card"] or "(the folder's own README.md is used as the model card)")
+        return 0
+    print(
+        f"uploaded {len(result['files'])} files to {result['repo_url']} ({result['revision']}): {result['commit_url']}"
+    )
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------------------------
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -269,14 +326,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("eval", help="perplexity, KL to a reference and measured KV bytes/token on local text")
-    p.add_argument("model")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity, KL to a reference, measured KV bytes/token, lm-eval tasks, decode speed",
+    )
+    p.add_argument("model", nargs="+", help="checkpoint folder(s), optionally NAME=PATH")
     _add_eval_options(p)
     p.add_argument("--reference", help="checkpoint whose next-token distributions KL is measured against")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--attn-implementation", help="e.g. sdpa, eager")
     p.add_argument("--json", metavar="OUT", help="write the metrics to this JSON file")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="lm-eval tasks: hfas_text_mc / hfas_text_lastword (built offline from --data), "
+        "a task YAML or folder, or an lm-eval registry name (hellaswag, arc_easy, ...: needs internet)",
+    )
+    p.add_argument("--task-limit", type=float, help="lm-eval: documents per task (int) or fraction")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument(
+        "--decode-contexts",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="measure decode tokens/s at these contexts",
+    )
+    p.add_argument("--new-tokens", type=int, default=32, help="decode speed: tokens generated (default 32)")
+    p.add_argument("--markdown", metavar="OUT.md", help="write the results table as markdown")
+    p.add_argument("--plots", metavar="DIR", help="write quality_vs_kv.png (and decode_speed.png) here")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="main job: convert the packaged SmolLM2 to MQA and evaluate both")
@@ -349,6 +428,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-window", type=int, default=S)
     p.add_argument("--json", metavar="FILE", help="also write the training record here")
     p.set_defaults(func=_cmd_uptrain)
+
+    p = sub.add_parser(
+        "push", help="upload a checkpoint folder to the Hugging Face Hub with a generated model card"
+    )
+    p.add_argument("model", help="checkpoint folder (safetensors weights)")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    p.add_argument(
+        "--eval-json", help="`hf-attn-swap eval --json` output for the card (default: MODEL/eval.json)"
+    )
+    p.add_argument("--base-model", help="Hub id of the original model, for the card metadata")
+    p.add_argument("--commit-message")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the file list and model card; upload nothing"
+    )
+    p.set_defaults(func=_cmd_push)
     return parser
 
 
