@@ -1,0 +1,108 @@
+"""The grown ``eval`` command: several models, lm-eval tasks built offline from local text, decode speed,
+JSON + markdown + PNG outputs, and issue 2's single-model JSON contract unchanged."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from _recipes_fixtures import make_tiny_pair, sample_text
+
+from hf_attn_swap.checkpoint import load_causal_lm, load_tokenizer
+from hf_attn_swap.cli import main as cli_main
+from hf_attn_swap.lm_eval_tasks import run_lm_eval, task_documents
+from hf_attn_swap.speed import measure_decode_speed
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalsuite")
+    src, mqa = make_tiny_pair(root)
+    text = root / "heldout.txt"
+    text.write_text(sample_text("tutorial", 60_000))
+    return src, mqa, text
+
+
+def test_single_model_json_keeps_the_eval_contract(pair, tmp_path):
+    src, mqa, text = pair
+    out = tmp_path / "e.json"
+    args = [
+        "eval",
+        str(mqa),
+        "--data",
+        str(text),
+        "--reference",
+        str(src),
+        "--max-tokens",
+        "300",
+        "--window",
+        "100",
+    ]
+    assert cli_main([*args, "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    for key in ("perplexity", "tokens", "kl_to_reference", "kv_cache_bytes_per_token"):
+        assert payload[key] is not None, key
+    assert payload["tokens"] == 297 and payload["kv_cache_bytes_per_token"] == 2 * 1 * 16 * 2 * 4
+    assert payload["models"]["tiny-mqa"]["perplexity"] == payload["perplexity"]
+
+
+def test_several_models_with_tasks_speed_markdown_and_plots(pair, tmp_path, capsys):
+    src, mqa, text = pair
+    code = cli_main(
+        ["eval", f"original={src}", f"mqa={mqa}", "--reference", str(src), "--data", str(text)]
+        + ["--max-tokens", "300", "--window", "100", "--tasks", "hfas_text_mc", "hfas_text_lastword"]
+        + ["--task-limit", "4", "--decode-contexts", "8", "32", "--new-tokens", "4"]
+        + ["--json", str(tmp_path / "e.json"), "--markdown", str(tmp_path / "e.md"), "--plots", str(tmp_path)]
+    )
+    assert code == 0, capsys.readouterr().err
+    payload = json.loads((tmp_path / "e.json").read_text())
+    assert "perplexity" not in payload and set(payload["models"]) == {"original", "mqa"}
+    original, converted = payload["models"]["original"], payload["models"]["mqa"]
+    assert original["kl_to_reference"] == 0 and converted["kl_to_reference"] > 0
+    assert converted["kv_cache_bytes_per_token"] == original["kv_cache_bytes_per_token"] / 2
+    for result in (original, converted):
+        assert set(result["lm_eval"]) == {"hfas_text_mc", "hfas_text_lastword"}
+        assert 0 <= result["lm_eval"]["hfas_text_mc"]["acc"] <= 1
+        assert result["lm_eval"]["hfas_text_mc"]["samples"] == 4
+        assert [s["context"] for s in result["decode"]] == [8, 32]
+        assert all(s["decode_tokens_per_second"] > 0 for s in result["decode"])
+    table = (tmp_path / "e.md").read_text()
+    assert "| original |" in table and "hfas_text_mc acc" in table and "tok/s @32" in table
+    for png in ("quality_vs_kv.png", "decode_speed.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lm_eval_lastword_matches_a_direct_loglikelihood(pair, tmp_path):
+    """lm-eval's perplexity of the target word equals exp(-mean log p(word | context)) computed here."""
+    src, _, text = pair
+    model, tokenizer = load_causal_lm(src), load_tokenizer(src)
+    result = run_lm_eval(model, tokenizer, ["hfas_text_lastword"], data=[text], limit=5)["hfas_text_lastword"]
+    _, docs = task_documents(text.read_text())
+    total = 0.0
+    for doc in docs[:5]:
+        context = tokenizer(doc["context"], add_special_tokens=False)["input_ids"]
+        whole = tokenizer(doc["context"] + doc["target"], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([whole])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        positions = range(len(context) - 1, len(whole) - 1)
+        total += sum(logp[p, whole[p + 1]].item() for p in positions)
+    assert result["perplexity"] == pytest.approx(math.exp(-total / 5), rel=1e-4)
+
+
+def test_local_task_documents_are_well_formed():
+    mc, lastword = task_documents(sample_text("tutorial", 60_000), max_docs=50)
+    assert len(mc) >= 4 and len(lastword) >= 4
+    for doc in mc:
+        assert len(doc["choices"]) == 4 == len(set(doc["choices"])) and 0 <= doc["label"] < 4
+        assert doc["context"] and not doc["context"].endswith(doc["choices"][doc["label"]])
+    assert all(d["target"].startswith(" ") and d["target"][1:].isalpha() for d in lastword)
+    assert task_documents(sample_text("tutorial", 60_000), max_docs=50) == (mc, lastword)
+
+
+def test_decode_speed_refuses_contexts_beyond_the_model(pair):
+    model = load_causal_lm(pair[0])
+    with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
+        measure_decode_speed(model, 250, 16)
