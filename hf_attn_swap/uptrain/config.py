@@ -113,3 +113,13 @@ class UptrainConfig:
             key, raw = item.split("=", 1)
             values[key.strip().replace("-", "_")] = yaml.safe_load(raw)
         return cls.from_dict(values)
+
+
+def resolve_source(source: str | Path) -> Path:
+    """Recipe paths: ``example:NAME`` is the packaged example model's folder, anything else a path."""
+    source = str(source)
+    if source.startswith("example:"):
+        from ..examples import example_model_path
+
+        return example_model_path(source.split(":", 1)[1])
+    return Path(source).expanduser()

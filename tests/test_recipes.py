@@ -1,0 +1,84 @@
+"""The recipe scripts and their YAML configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import yaml
+from _recipes_fixtures import REPO, make_tiny_pair, sample_text
+
+from hf_attn_swap.uptrain import MODES, UptrainConfig
+
+CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_configs_are_valid(path):
+    values = yaml.safe_load(path.read_text())
+    if path.name.startswith("accelerate_"):
+        assert values["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    elif path.name.startswith("evaluate_"):
+        assert set(values) <= {"models", "reference", "output", *load_script("evaluate").SUITE_KEYS}
+    else:
+        config = UptrainConfig.from_yaml(path, ["max_tokens=1024", "learning_rate=3e-4"])
+        assert config.mode in MODES and config.max_tokens == 1024 and config.learning_rate == 3e-4
+        assert config.convert and config.convert["source"] == "example:smollm2"
+
+
+def test_uptrain_recipe_converts_then_trains_then_evaluate_recipe_reports(tmp_path, capsys):
+    src, _ = make_tiny_pair(tmp_path)
+    (tmp_path / "train.txt").write_text(sample_text("library", 20_000))
+    (tmp_path / "heldout.txt").write_text(sample_text("tutorial", 20_000))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tmp_path / "mqa"),
+                "output": str(tmp_path / "mqa-layerwise"),
+                "convert": {"source": str(src), "to": "gqa", "num_key_value_heads": 1, "method": "mean"},
+                "data": str(tmp_path / "train.txt"),
+                "mode": "layerwise",
+                "max_tokens": 4096,
+                "block_size": 64,
+                "progress": False,
+            }
+        )
+    )
+    assert load_script("uptrain").main(["--config", str(recipe), "max_tokens=512"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index('{\n  "mode"') :])
+    assert summary["tokens_trained"] == 512 and summary["final_loss"] < summary["first_loss"] * 1.5
+    assert json.loads((tmp_path / "mqa" / "conversion.json").read_text())["after"]["num_key_value_heads"] == 1
+
+    evaluate = tmp_path / "evaluate.yaml"
+    evaluate.write_text(
+        yaml.safe_dump(
+            {
+                "models": {
+                    "original": str(src),
+                    "mqa": str(tmp_path / "mqa"),
+                    "layerwise": str(tmp_path / "mqa-layerwise"),
+                },
+                "reference": str(src),
+                "data": str(tmp_path / "heldout.txt"),
+                "max_tokens": 256,
+                "window": 128,
+                "output": str(tmp_path / "report"),
+            }
+        )
+    )
+    assert load_script("evaluate").main(["--config", str(evaluate)]) == 0
+    report = json.loads((tmp_path / "report" / "eval.json").read_text())
+    assert set(report["models"]) == {"original", "mqa", "layerwise"}
+    assert (tmp_path / "report" / "eval.md").is_file() and (
+        tmp_path / "report" / "quality_vs_kv.png"
+    ).is_file()
