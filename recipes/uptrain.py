@@ -25,6 +25,7 @@ def convert_if_missing(model: str, convert: dict | None) -> None:
 
     from hf_attn_swap.checkpoint import convert_checkpoint
     from hf_attn_swap.uptrain.config import resolve_source
+    from hf_attn_swap.uptrain.run import cpu_only
 
     if Path(model).expanduser().exists():
         return
@@ -32,7 +33,7 @@ def convert_if_missing(model: str, convert: dict | None) -> None:
         raise FileNotFoundError(f"model {model!r} does not exist and the config has no convert: section")
     options = dict(convert)
     source = resolve_source(options.pop("source"))
-    state = PartialState()
+    state = PartialState(cpu=cpu_only())
     with state.main_process_first():
         if state.is_main_process and not Path(model).expanduser().exists():
             print(convert_checkpoint(source, model, **options), file=sys.stderr)

@@ -82,3 +82,34 @@ def test_uptrain_recipe_converts_then_trains_then_evaluate_recipe_reports(tmp_pa
     assert (tmp_path / "report" / "eval.md").is_file() and (
         tmp_path / "report" / "quality_vs_kv.png"
     ).is_file()
+
+
+@pytest.mark.slow
+def test_uptrain_recipe_under_torchrun_with_two_cpu_processes(tmp_path):
+    """Data-parallel (gloo DDP on CPU): the budget counts both processes and only the main one writes OUT."""
+    import os
+    import subprocess
+    import sys
+
+    _, mqa = make_tiny_pair(tmp_path)
+    (tmp_path / "train.txt").write_text(sample_text("library", 20_000))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {"model": str(mqa), "output": str(tmp_path / "out"), "data": str(tmp_path / "train.txt")}
+            | {"mode": "layerwise", "max_tokens": 1024, "block_size": 64, "save_steps": 2, "progress": False}
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*command, str(REPO / "recipes" / "uptrain.py"), "--config", str(recipe)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "training_log.json").read_text())["record"]
+    assert record["world_size"] == 2 and record["steps"] == 8 and record["tokens_per_step"] == 128
+    assert proc.stdout.count('"tokens_trained": 1024') == 1

@@ -47,6 +47,14 @@ def resolve_teacher(teacher: str | None, model: Path, mode: str) -> Path:
     return check_source(teacher)
 
 
+def cpu_only() -> bool:
+    """No GPU-like accelerator: train on CPU (several processes under torchrun/accelerate use gloo DDP)."""
+    xpu = getattr(torch, "xpu", None)
+    return not (
+        torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu and xpu.is_available())
+    )
+
+
 def _overlaps(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     return a == b or a in b.parents or b in a.parents
@@ -142,6 +150,8 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict:
         dataloader_drop_last=True,
         disable_tqdm=not config.progress,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=cpu_only(),
+        ddp_find_unused_parameters=False,
     )
     tokens_per_step = (
         config.block_size * config.batch_size * config.gradient_accumulation_steps * args.world_size
