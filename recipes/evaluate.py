@@ -16,8 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 SUITE_KEYS = (
     "data",
     "max_tokens",
@@ -36,7 +34,7 @@ SUITE_KEYS = (
 def main(argv: list[str] | None = None) -> int:
     from hf_attn_swap.cli import machine_info, write_json
     from hf_attn_swap.eval_suite import evaluate_suite, suite_markdown, suite_plots
-    from hf_attn_swap.uptrain.config import resolve_source
+    from hf_attn_swap.uptrain.config import load_recipe_yaml, resolve_source
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,10 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(Path(args.config).read_text()) or {}
-    for item in args.overrides:
-        key, _, raw = item.partition("=")
-        config[key.strip()] = yaml.safe_load(raw)
+    config = load_recipe_yaml(args.config, args.overrides)
     unknown = set(config) - {"models", "reference", "output", *SUITE_KEYS}
     if unknown:
         raise SystemExit(f"unknown keys in {args.config}: {sorted(unknown)}")

@@ -99,20 +99,25 @@ class UptrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> UptrainConfig:
         """A YAML mapping of fields, then ``key=value`` overrides (values parsed as YAML: ``lr=3e-4``)."""
-        import yaml
+        return cls.from_dict(load_recipe_yaml(path, overrides))
 
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe config {str(path)!r} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a YAML mapping of uptrain settings")
-        for item in overrides or []:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not key=value")
-            key, raw = item.split("=", 1)
-            values[key.strip().replace("-", "_")] = yaml.safe_load(raw)
-        return cls.from_dict(values)
+
+def load_recipe_yaml(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A recipe config: the YAML mapping at ``path`` updated by ``key=value`` overrides (values parsed as YAML)."""
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe config {str(path)!r} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a YAML mapping of settings")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        values[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    return values
 
 
 def resolve_source(source: str | Path) -> Path:
