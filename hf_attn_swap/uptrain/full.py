@@ -13,7 +13,7 @@ def next_token_loss(model, input_ids):
 class FullFineTune(Objective):
     name = "full"
     default_trainable = "all"
-    default_learning_rate = 5e-5
+    default_learning_rate = 1e-4
 
     def loss(self, model, input_ids, teacher, config):
         return next_token_loss(model, input_ids)
