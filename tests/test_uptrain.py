@@ -233,3 +233,63 @@ def test_cli_uptrain_with_recipe_config(tiny, tmp_path, capsys):
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["mode"] == "lora" and record["config"]["lora_r"] == 4 and record["steps"] == 4
     assert record["learning_rate"] == 1e-3
+
+
+def layerwise_error(student, teacher, ids) -> float:
+    inputs, targets = capture_attention(teacher, ids)
+    with torch.no_grad():
+        outputs = attention_on_inputs(student, ids, inputs)
+    return torch.stack([relative_mse(o, t) for o, t in zip(outputs, targets, strict=True)]).mean().item()
+
+
+def test_layerwise_and_lora_work_on_an_mla_form_attention(tiny, tmp_path):
+    """The recipes are format-agnostic: a DeepSeek-V3 (MLA) student of the same width and depth learns the
+    Llama teacher's attention outputs; the output keeps the deepseek_v3 classes; only attention trains."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["src"])
+    config = AutoConfig.for_model(
+        "deepseek_v3",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        first_k_dense_replace=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    mla = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    mla.save_pretrained(tmp_path / "mla")
+    tokenizer.save_pretrained(tmp_path / "mla")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["src"]).eval()
+    ids = tokenizer(sample_text("tutorial", 2000), return_tensors="pt")["input_ids"][:, :128]
+    for mode in ("layerwise", "lora"):
+        cfg = UptrainConfig(
+            model=str(tmp_path / "mla"),
+            output=str(tmp_path / mode),
+            teacher=str(tiny["src"]),
+            data=[str(tiny["data"])],
+            mode=mode,
+            max_tokens=2048 if mode == "layerwise" else 512,
+            block_size=64,
+            learning_rate=3e-3,
+            save_steps=100,
+            progress=False,
+        )
+        uptrain(cfg)
+        trained = AutoModelForCausalLM.from_pretrained(tmp_path / mode).eval()
+        assert type(trained).__name__ == "DeepseekV3ForCausalLM"
+        old, new = weights(tmp_path / "mla"), weights(tmp_path / mode)
+        changed = {k for k in old if not torch.equal(old[k], new[k])}
+        assert changed and all(".self_attn." in k for k in changed)
+        if mode == "layerwise":
+            assert layerwise_error(trained, teacher, ids) < 0.9 * layerwise_error(mla.eval(), teacher, ids)
