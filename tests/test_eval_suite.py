@@ -52,7 +52,7 @@ def test_several_models_with_tasks_speed_markdown_and_plots(pair, tmp_path, caps
     src, mqa, text = pair
     code = cli_main(
         ["eval", f"original={src}", f"mqa={mqa}", "--reference", str(src), "--data", str(text)]
-        + ["--max-tokens", "300", "--window", "100", "--tasks", "hfas_text_mc", "hfas_text_lastword"]
+        + ["--max-tokens", "300", "--window", "100", "--tasks", "hfas_text_mc"]
         + ["--task-limit", "4", "--decode-contexts", "8", "32", "--new-tokens", "4"]
         + ["--json", str(tmp_path / "e.json"), "--markdown", str(tmp_path / "e.md"), "--plots", str(tmp_path)]
     )
@@ -63,7 +63,7 @@ def test_several_models_with_tasks_speed_markdown_and_plots(pair, tmp_path, caps
     assert original["kl_to_reference"] == 0 and converted["kl_to_reference"] > 0
     assert converted["kv_cache_bytes_per_token"] == original["kv_cache_bytes_per_token"] / 2
     for result in (original, converted):
-        assert set(result["lm_eval"]) == {"hfas_text_mc", "hfas_text_lastword"}
+        assert set(result["lm_eval"]) == {"hfas_text_mc"}
         assert 0 <= result["lm_eval"]["hfas_text_mc"]["acc"] <= 1
         assert result["lm_eval"]["hfas_text_mc"]["samples"] == 4
         assert [s["context"] for s in result["decode"]] == [8, 32]
