@@ -293,3 +293,16 @@ def test_layerwise_and_lora_work_on_an_mla_form_attention(tiny, tmp_path):
         assert changed and all(".self_attn." in k for k in changed)
         if mode == "layerwise":
             assert layerwise_error(trained, teacher, ids) < 0.9 * layerwise_error(mla.eval(), teacher, ids)
+
+
+def test_output_keeps_the_source_dtype(tiny, tmp_path):
+    """Training runs in float32; a bfloat16 checkpoint comes back as bfloat16 (after the float32 eval)."""
+    from hf_attn_swap.checkpoint import convert_checkpoint
+
+    convert_checkpoint(tiny["src"], tmp_path / "bf16", to="gqa", num_key_value_heads=1, dtype="bfloat16")
+    cfg = config(tiny, tmp_path / "out", model=str(tmp_path / "bf16"), mode="lora", max_tokens=256)
+    cfg.eval_tokens, cfg.eval_window, cfg.eval_data = 128, 64, [str(tiny["data"])]
+    record = uptrain(cfg)
+    assert record["eval_after"]["perplexity"] > 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in weights(tmp_path / "out").values()} == {torch.bfloat16}

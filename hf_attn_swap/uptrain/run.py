@@ -117,19 +117,13 @@ def _eval_perplexity(model, tokenizer, config: UptrainConfig) -> dict:
     return {k: result[k] for k in ("perplexity", "tokens", "window")}
 
 
-def uptrain(config: UptrainConfig, callbacks=()) -> dict:
-    """Run (or resume) one uptraining run; returns the training record also stored in OUTPUT."""
-    from transformers import TrainingArguments, default_data_collator, set_seed
+def training_arguments(config: UptrainConfig, learning_rate: float):
+    """Trainer settings of a run (``max_steps`` is set once the world size, hence the step size, is known)."""
+    from transformers import TrainingArguments
 
-    started = time.time()
-    config = _normalised(config)
-    objective, model_path, output, teacher_path, files = validate(config)
-    checkpoint_dir = config.checkpoint_path()
-    learning_rate = config.learning_rate or objective.default_learning_rate
-
-    args = TrainingArguments(
-        output_dir=str(checkpoint_dir),
-        max_steps=1,  # set below once the world size is known
+    return TrainingArguments(
+        output_dir=str(config.checkpoint_path()),
+        max_steps=1,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=learning_rate,
@@ -153,11 +147,23 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict:
         use_cpu=cpu_only(),
         ddp_find_unused_parameters=False,
     )
+
+
+def uptrain(config: UptrainConfig, callbacks=()) -> dict | None:
+    """Run (or resume) one uptraining run; returns the training record also stored in OUTPUT (None on the
+    non-main processes of a distributed run)."""
+    from transformers import default_data_collator, set_seed
+
+    started = time.time()
+    config = _normalised(config)
+    objective, model_path, output, teacher_path, files = validate(config)
+    checkpoint_dir = config.checkpoint_path()
+    learning_rate = config.learning_rate or objective.default_learning_rate
+    args = training_arguments(config, learning_rate)
     tokens_per_step = (
         config.block_size * config.batch_size * config.gradient_accumulation_steps * args.world_size
     )
-    max_steps = steps_for_budget(config.max_tokens, tokens_per_step)
-    args.max_steps = max_steps
+    args.max_steps = max_steps = steps_for_budget(config.max_tokens, tokens_per_step)
     main = args.process_index == 0
 
     tokenizer = load_tokenizer(model_path)
@@ -176,7 +182,6 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict:
         write_run_identity(checkpoint_dir, identity)
 
     set_seed(config.seed)
-    saved_dtype = checkpoint_dtype(model_path)
     student = load_causal_lm(model_path, torch.float32, config.attn_implementation)
     teacher = None
     if teacher_path is not None:
@@ -215,10 +220,7 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict:
     if main:
         final = objective.finalize(trained)
         final.config.use_cache = json.loads((model_path / "config.json").read_text()).get("use_cache", True)
-        if saved_dtype is not None and saved_dtype != torch.float32:
-            final = final.to(saved_dtype)
-        history = trainer.state.log_history
-        losses = [e["loss"] for e in history if "loss" in e]
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         record = {
             "mode": config.mode,
             "max_tokens": config.max_tokens,
@@ -239,13 +241,15 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict:
             "final_loss": losses[-1] if losses else None,
             "resumed_from_step": None if resume_from is None else int(resume_from.name.split("-")[1]),
             "train_runtime_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
-            "wall_seconds": None,
             "eval_before": eval_before,
-            "eval_after": _eval_perplexity(final.float(), tokenizer, config) if config.eval_tokens else None,
+            "eval_after": _eval_perplexity(final, tokenizer, config) if config.eval_tokens else None,
             "config": dataclasses.asdict(config),
         }
+        saved_dtype = checkpoint_dtype(model_path)
+        if saved_dtype is not None and saved_dtype != torch.float32:
+            final = final.to(saved_dtype)
         record["wall_seconds"] = round(time.time() - started, 2)
-        _write_output(final, model_path, output, config, record, history, tokens_per_step)
+        _write_output(final, model_path, output, config, record, trainer.state.log_history, tokens_per_step)
         if not config.keep_checkpoints:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
