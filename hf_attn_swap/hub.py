@@ -16,6 +16,8 @@ from .io import check_source
 from .report import load_report
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: attention implementation the card recommends per conversion target (``conversion.json`` may name its own)
+RECOMMENDED_ATTENTION = {"mla": "latent_sdpa"}
 EVAL_FILE = "eval.json"
 
 
@@ -132,7 +134,8 @@ def model_card(folder: str | Path, repo_id: str, eval_json=None, base_model: str
             suite_markdown(evals),
             "",
         ]
-    lines += _how_to_load(repo_id, config, details)
+    attn = details.get("attn_implementation") or RECOMMENDED_ATTENTION.get(target)
+    lines += _how_to_load(repo_id, config, attn)
     return "\n".join(lines) + "\n"
 
 
@@ -140,8 +143,7 @@ def _num(value) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
-def _how_to_load(repo_id: str, config: dict, details: dict) -> list[str]:
-    attn = details.get("attn_implementation")
+def _how_to_load(repo_id: str, config: dict, attn: str | None) -> list[str]:
     stock = _stock_model_type(config.get("model_type")) and "auto_map" not in config
     lines = ["## How to load", ""]
     if stock:

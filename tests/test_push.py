@@ -134,3 +134,11 @@ def test_model_card_for_a_plugin_format_points_to_the_plugin(converted, tmp_path
     card = model_card(folder, "me/mla")
     assert "import hf_attn_swap" in card and 'attn_implementation="latent_sdpa"' in card
     assert "Stock transformers" not in card
+    # a stock deepseek_v3 export of an MLA conversion: both ways, the plugin one with absorbed decoding
+    config["model_type"] = "deepseek_v3"
+    (folder / "config.json").write_text(json.dumps(config))
+    report["target"] = "mla"
+    del report["details"]["attn_implementation"]
+    (folder / "conversion.json").write_text(json.dumps(report))
+    card = model_card(folder, "me/mla")
+    assert "Stock transformers" in card and 'attn_implementation="latent_sdpa"' in card
