@@ -401,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=S)
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--trainable", choices=["attention", "all"], default=S, help="full/distill: what trains")
+    p.add_argument(
+        "--freeze",
+        nargs="+",
+        metavar="NAME",
+        default=S,
+        help="keep parameters whose name contains NAME frozen (e.g. kv_a_proj_with_mqa for deepseek_v3 MLA exports)",
+    )
     p.add_argument("--lora-r", type=int, default=S)
     p.add_argument("--lora-alpha", type=int, default=S)
     p.add_argument("--lora-dropout", type=float, default=S)

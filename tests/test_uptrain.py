@@ -200,6 +200,7 @@ def test_resume_refuses_checkpoints_of_another_run(tiny, tmp_path):
         (["--max-tokens", "0"], "positive number of training tokens, got 0"),
         (["--block-size", "100000"], "less than one block"),
         (["--mode", "distill", "--teacher", "{missing}"], "does not exist"),
+        (["--freeze", "no_such_parameter"], "match no parameter"),
     ],
 )
 def test_bad_input_fails_clearly_and_writes_nothing(tiny, tmp_path, capsys, flags, message):
@@ -284,6 +285,7 @@ def test_layerwise_and_lora_work_on_an_mla_form_attention(tiny, tmp_path):
             learning_rate=3e-3,
             save_steps=100,
             progress=False,
+            freeze=["kv_a_proj_with_mqa"] if mode == "lora" else None,
         )
         uptrain(cfg)
         trained = AutoModelForCausalLM.from_pretrained(tmp_path / mode).eval()
@@ -291,6 +293,8 @@ def test_layerwise_and_lora_work_on_an_mla_form_attention(tiny, tmp_path):
         old, new = weights(tmp_path / "mla"), weights(tmp_path / mode)
         changed = {k for k in old if not torch.equal(old[k], new[k])}
         assert changed and all(".self_attn." in k for k in changed)
+        if mode == "lora":
+            assert not [k for k in changed if "kv_a_proj_with_mqa" in k], "frozen by freeze=[...]"
         if mode == "layerwise":
             assert layerwise_error(trained, teacher, ids) < 0.9 * layerwise_error(mla.eval(), teacher, ids)
 

@@ -36,6 +36,24 @@ def set_trainable(model: nn.Module, which: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def freeze_matching(model: nn.Module, patterns: list[str] | None) -> list[str]:
+    """Freeze every parameter whose name contains one of ``patterns``; returns the frozen names.
+
+    For parametrisations where Adam's ~lr-sized steps are huge relative to a weight, e.g. the latent rows of
+    ``kv_a_proj_with_mqa`` in a stock ``deepseek_v3`` MLA export (scaled down to neutralise
+    ``kv_a_layernorm``): ``freeze=["kv_a_proj_with_mqa"]``.
+    """
+    if not patterns:
+        return []
+    frozen = [n for n, p in model.named_parameters() if any(pattern in n for pattern in patterns)]
+    if not frozen:
+        raise ValueError(f"freeze patterns {patterns} match no parameter of the model")
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model under DDP/accelerate wrappers (hooks go on its modules)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):

@@ -49,6 +49,7 @@ class UptrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     trainable: str | None = None  # attention | all (full, distill); default: the mode's
+    freeze: list[str] | None = None  # parameters whose name contains one of these strings stay frozen
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -91,7 +92,7 @@ class UptrainConfig:
                     values[f.name] = float(values[f.name]) if "float" in str(f.type) else int(values[f.name])
                 except ValueError:
                     raise ValueError(f"{f.name} must be a number, got {values[f.name]!r}") from None
-        for key in ("data", "eval_data"):
+        for key in ("data", "eval_data", "freeze"):
             if isinstance(values.get(key), (str, Path)):
                 values[key] = [str(values[key])]
         return cls(**values)

@@ -20,7 +20,7 @@ from ..checkpoint import copy_tokenizer_files, load_causal_lm, load_tokenizer
 from ..data import default_train_files, resolve_text_files
 from ..io import atomic_output_dir, check_output, check_source
 from ..report import REPORT_FILE, load_report
-from .base import Objective
+from .base import Objective, freeze_matching
 from .config import UptrainConfig
 from .data import packed_blocks, steps_for_budget
 from .distill import Distill
@@ -178,8 +178,6 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict | None:
         resume_from = latest_checkpoint(checkpoint_dir, remove_incomplete=main)
     elif main and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
-    if main:
-        write_run_identity(checkpoint_dir, identity)
 
     set_seed(config.seed)
     student = load_causal_lm(model_path, torch.float32, config.attn_implementation)
@@ -190,6 +188,7 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict | None:
             raise ValueError(f"teacher {str(teacher_path)!r} has a different vocabulary than the model")
     eval_before = _eval_perplexity(student, tokenizer, config) if config.eval_tokens and main else None
     model = objective.prepare(student, config)
+    freeze_matching(model, config.freeze)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     trainer = UptrainTrainer(
@@ -213,6 +212,8 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict | None:
             + (f"; resuming from {resume_from.name}" if resume_from else ""),
             file=sys.stderr,
         )
+    if main:
+        write_run_identity(checkpoint_dir, identity)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     trained = _gather_trained_model(trainer, objective, model_path, checkpoint_dir / "final", sharded)
@@ -231,6 +232,7 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict | None:
             "learning_rate": learning_rate,
             "trainable": config.trainable or objective.default_trainable,
             "trainable_parameters": trainable,
+            "frozen": config.freeze,
             "teacher": None if teacher_path is None else str(teacher_path),
             "data": [str(f) for f in files[:20]]
             + ([f"... {len(files) - 20} more"] if len(files) > 20 else []),
