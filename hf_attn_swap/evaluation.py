@@ -22,13 +22,16 @@ from tqdm.auto import tqdm
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes held by a transformers ``Cache`` (uses ``cache.nbytes()`` when the class defines it)."""
+    """Bytes of cached states in a transformers ``Cache`` (``cache.nbytes()`` when the class defines it).
+
+    Otherwise sums every tensor of >= 2 dims held by ``cache.layers[*]`` (K/V blocks, latents); 0/1-dim
+    bookkeeping tensors (lengths, positions) are not cache payload and are skipped."""
     if hasattr(cache, "nbytes") and callable(cache.nbytes):
         return int(cache.nbytes())
     total = 0
     for layer in getattr(cache, "layers", []):
         for value in vars(layer).values():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.dim() >= 2:
                 total += value.numel() * value.element_size()
     return total
 

@@ -45,6 +45,8 @@ def tiny_config(
         bos_token_id=1,
         eos_token_id=2,
     )
+    if fields["hidden_size"] % num_attention_heads:  # configs validate hidden % heads == 0
+        fields["hidden_size"] = num_attention_heads * 16
     fields.update(FAMILY_OVERRIDES.get(model_type, {}))
     fields.update(overrides)
     if model_type == "phi3":  # Phi-3 derives head_dim from hidden_size
@@ -61,3 +63,17 @@ def tiny_model(model_type: str = "llama", seed: int = 0, attn_implementation: st
         config, attn_implementation=attn_implementation, dtype=torch.float32
     )
     return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A character-level fast tokenizer: ASCII code point i is token i (others map to ``?``); pad = 0."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="?", pad_token=chr(0), bos_token=chr(1), eos_token=chr(2)
+    )
