@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-EVAL_DEFAULTS = {"max_tokens": 4096, "window": 1024}
+EVAL_DEFAULTS = {"max_tokens": 16384, "window": 1024}
 
 
 def write_json(path: str | Path, payload: dict) -> Path:

@@ -89,15 +89,17 @@ def evaluate_models(
         for group in groups:
             ids = torch.stack(group)
             targets = ids[:, 1:]
-            ref_logp = None
+            ref_logp, ref_seconds = None, 0.0
             if reference is not None:
+                start = time.perf_counter()
                 ref_logp = _log_probs(reference, ids)
+                ref_seconds = time.perf_counter() - start
                 bar.update(len(group))
             for name, model in models.items():
                 start = time.perf_counter()
                 logp = ref_logp if model is reference else _log_probs(model, ids)
                 t = totals[name]
-                t["seconds"] += time.perf_counter() - start
+                t["seconds"] += time.perf_counter() - start + (ref_seconds if model is reference else 0.0)
                 t["nll"] -= logp.gather(-1, targets.to(logp.device).unsqueeze(-1)).sum().item()
                 t["tokens"] += targets.numel()
                 if ref_logp is not None:
