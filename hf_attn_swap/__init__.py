@@ -3,6 +3,7 @@
 ``import hf_attn_swap`` registers the package's attention implementations, mask functions and Auto classes.
 """
 
+from . import models  # noqa: F401  registers the plugin Auto classes (GPT-2, GPT-NeoX, OPT, Falcon, BERT)
 from .architectures import UnsupportedArchitectureError, get_adapter, supported_model_types
 from .gqa import convert_to_gqa
 from .report import ConversionReport

@@ -21,6 +21,22 @@ FAMILY_OVERRIDES: dict[str, dict] = {
         "hidden_activation": "gelu_pytorch_tanh",
     },
     "phi3": {"pad_token_id": 0},
+    # families without native GQA (converted through hf_attn_swap.models plugin classes)
+    "gpt2": {},
+    "gpt_neox": {},  # partial rotary (rotary_pct 0.25), q/k/v biases
+    "opt": {"word_embed_proj_dim": 64, "pad_token_id": 0},
+    "falcon": {"new_decoder_architecture": True, "alibi": False, "bias": True},
+    "bert": {},
+}
+
+#: families whose stock config has no K/V head count nor head_dim (hidden = heads * head_dim) -> the field
+#: their config uses for the MLP width
+MHA_ONLY_MLP_FIELD = {
+    "gpt2": "n_inner",
+    "gpt_neox": "intermediate_size",
+    "opt": "ffn_dim",
+    "falcon": "ffn_hidden_size",
+    "bert": "intermediate_size",
 }
 
 
@@ -49,19 +65,33 @@ def tiny_config(
         fields["hidden_size"] = num_attention_heads * 16
     fields.update(FAMILY_OVERRIDES.get(model_type, {}))
     fields.update(overrides)
-    if model_type == "phi3":  # Phi-3 derives head_dim from hidden_size
+    if model_type in ("phi3", *MHA_ONLY_MLP_FIELD):  # these derive head_dim from hidden_size
         fields["hidden_size"] = num_attention_heads * fields.pop("head_dim")
+    if model_type in MHA_ONLY_MLP_FIELD:
+        fields[MHA_ONLY_MLP_FIELD[model_type]] = fields.pop("intermediate_size")
+        kv = fields.pop("num_key_value_heads")
+        if model_type == "falcon":  # Falcon-40B style: num_kv_heads with new_decoder_architecture
+            fields["num_kv_heads"] = kv
+        elif kv != num_attention_heads:
+            raise ValueError(
+                f"stock {model_type} has no GQA: num_key_value_heads must equal num_attention_heads"
+            )
     return AutoConfig.for_model(model_type, **fields)
 
 
-def tiny_model(model_type: str = "llama", seed: int = 0, attn_implementation: str = "eager", **config_kwargs):
-    """A float32 random causal LM with larger-than-default init so attention patterns are not uniform."""
+def tiny_model(
+    model_type: str = "llama",
+    seed: int = 0,
+    attn_implementation: str = "eager",
+    auto_class=AutoModelForCausalLM,
+    **config_kwargs,
+):
+    """A float32 random model (a causal LM unless ``auto_class`` says otherwise, e.g. ``AutoModel`` for a
+    BERT encoder) with larger-than-default init so attention patterns are not uniform."""
     torch.manual_seed(seed)
     config = tiny_config(model_type, **config_kwargs)
     config.initializer_range = 0.2
-    model = AutoModelForCausalLM.from_config(
-        config, attn_implementation=attn_implementation, dtype=torch.float32
-    )
+    model = auto_class.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return model.eval()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import ArchitectureAdapter, AttentionLayout, AttentionWeights, RopeInfo, new_linear
+from .gpt2 import GPT2Adapter
 from .llama import (
     Gemma2Adapter,
     GemmaAdapter,
@@ -36,6 +37,7 @@ for _cls in (
     GemmaAdapter,
     Gemma2Adapter,
     Phi3Adapter,
+    GPT2Adapter,
 ):
     register_adapter(_cls())
 
