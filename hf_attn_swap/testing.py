@@ -3,8 +3,12 @@ recipe smoke runs. Nothing here downloads anything."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from .architectures import get_adapter
 
 #: model_type -> extra config fields that make a tiny model of that family representative
 FAMILY_OVERRIDES: dict[str, dict] = {
@@ -107,3 +111,21 @@ def tiny_tokenizer(vocab_size: int = 128):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="?", pad_token=chr(0), bos_token=chr(1), eos_token=chr(2)
     )
+
+
+def tie_kv_heads_in_groups(model, num_key_value_heads: int):
+    """Make the K/V heads that ``convert_to_gqa(model, num_key_value_heads)`` merges identical (each a copy of
+    its group's first head, biases too), in place and through the model's adapter, so that conversion must
+    be exact. The model keeps its head count (and its stock modules). Returns ``model``."""
+    adapter = get_adapter(model)
+
+    def tie(x):
+        if x is None:
+            return None
+        groups = x.reshape(num_key_value_heads, -1, *x.shape[1:])
+        return groups[:, :1].expand_as(groups).reshape(x.shape).clone()
+
+    for attn in adapter.attention_modules(model):
+        w = adapter.read(attn)
+        adapter.write(attn, replace(w, k=tie(w.k), v=tie(w.v), k_bias=tie(w.k_bias), v_bias=tie(w.v_bias)))
+    return model

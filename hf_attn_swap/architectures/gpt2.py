@@ -8,44 +8,31 @@ import torch
 from torch import nn
 
 from ..models.gpt2 import GroupedGPT2Attention, GroupedGPT2Config
-from .base import AttentionLayout, AttentionWeights, RopeInfo
-from .plugin import PluginAdapter, copy_into, flat
+from .base import AttentionWeights
+from .plugin import PluginAdapter, copy_into, flat, unsupported
 
 
 class GPT2Adapter(PluginAdapter):
     family = "gpt2"
     model_types = ("gpt2", GroupedGPT2Config.model_type)
     config_class = GroupedGPT2Config
+    grouped_attention = GroupedGPT2Attention
 
-    def layout(self, config, model: nn.Module | None = None) -> AttentionLayout:
+    def check_supported(self, config) -> None:
         if config.add_cross_attention:
-            from . import UnsupportedArchitectureError
-
-            raise UnsupportedArchitectureError(
+            raise unsupported(
                 "GPT-2 with cross-attention (add_cross_attention=True) is not supported: hf_attn_swap converts "
                 "decoder-only GPT-2 (GPT2Model, GPT2LMHeadModel)"
             )
-        self.check_model_class(model)
-        heads = config.num_attention_heads
-        return AttentionLayout(
-            family=self.family,
-            hidden_size=config.hidden_size,
-            num_layers=config.num_hidden_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=config.hidden_size // heads,
-            rope=RopeInfo(style="none", rotary_dim=0),
-        )
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return [block.attn for block in model.base_model.h]
 
     def read(self, attn: nn.Module) -> AttentionWeights:
-        h, d = attn.num_heads, attn.head_dim
-        kv = getattr(attn, "num_key_value_heads", h)
-        weight, bias = attn.c_attn.weight.detach().T, attn.c_attn.bias.detach()
-        q, k, v = torch.split(weight, [h * d, kv * d, kv * d])
-        qb, kb, vb = torch.split(bias, [h * d, kv * d, kv * d])
+        h, d, kv = attn.num_heads, attn.head_dim, self.module_num_key_value_heads(attn)
+        sizes = [h * d, kv * d, kv * d]
+        q, k, v = torch.split(attn.c_attn.weight.detach().T, sizes)
+        qb, kb, vb = torch.split(attn.c_attn.bias.detach(), sizes)
         return AttentionWeights(
             q=q.reshape(h, d, -1),
             k=k.reshape(kv, d, -1),
@@ -58,9 +45,7 @@ class GPT2Adapter(PluginAdapter):
         )
 
     def write(self, attn: nn.Module, weights: AttentionWeights) -> None:
-        kv = weights.num_key_value_heads
-        if kv != getattr(attn, "num_key_value_heads", attn.num_heads):
-            GroupedGPT2Attention.make_grouped(attn, kv)
+        self.ensure_kv_heads(attn, weights.num_key_value_heads)
         hidden = weights.q.shape[-1]
         fused = torch.cat([w.reshape(-1, hidden) for w in (weights.q, weights.k, weights.v)])
         fused_bias = torch.cat([flat(b) for b in (weights.q_bias, weights.k_bias, weights.v_bias)])

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import transformers
 
-from . import gpt2
+from . import bert, falcon, gpt2, gpt_neox, opt
 
-FAMILIES = {"gpt2": gpt2}
+FAMILIES = {"gpt2": gpt2, "gpt_neox": gpt_neox, "opt": opt, "falcon": falcon, "bert": bert}
 
 
 def _register(family) -> None:
