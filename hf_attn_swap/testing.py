@@ -3,12 +3,14 @@ recipe smoke runs. Nothing here downloads anything."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .architectures import get_adapter
+from .gqa.base import per_query_head
 
 #: model_type -> extra config fields that make a tiny model of that family representative
 FAMILY_OVERRIDES: dict[str, dict] = {
@@ -129,3 +131,23 @@ def tie_kv_heads_in_groups(model, num_key_value_heads: int):
         w = adapter.read(attn)
         adapter.write(attn, replace(w, k=tie(w.k), v=tie(w.v), k_bias=tie(w.k_bias), v_bias=tie(w.v_bias)))
     return model
+
+
+def repeated_kv_reference(original, converted):
+    """A copy of the MHA ``original`` that computes what ``converted`` (a GQA conversion of it) computes with
+    stock attention: ``converted``'s weights with every K/V head repeated for the query heads that read it.
+    Independent of the grouped attention code, so ``converted`` must match it within float error."""
+    reference = copy.deepcopy(original)
+    adapter = get_adapter(reference)
+    for attn, grouped in zip(
+        adapter.attention_modules(reference), adapter.attention_modules(converted), strict=True
+    ):
+        w = adapter.read(grouped)
+
+        def repeat(x, heads=w.num_attention_heads):
+            return None if x is None else per_query_head(x, heads).clone()
+
+        adapter.write(
+            attn, replace(w, k=repeat(w.k), v=repeat(w.v), k_bias=repeat(w.k_bias), v_bias=repeat(w.v_bias))
+        )
+    return reference

@@ -21,7 +21,7 @@ from hf_attn_swap import UnsupportedArchitectureError, convert_to_gqa, get_adapt
 from hf_attn_swap.calibration import collect_attention_inputs
 from hf_attn_swap.evaluation import measure_kv_cache_bytes_per_token
 from hf_attn_swap.gqa import GQAMethod, MeanPooling
-from hf_attn_swap.testing import tie_kv_heads_in_groups, tiny_model
+from hf_attn_swap.testing import repeated_kv_reference, tie_kv_heads_in_groups, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,6 +81,17 @@ def test_identical_heads_in_group_convert_exactly(name, num_kv, attn_implementat
     before = outputs(untied, x)
     convert_to_gqa(untied, num_kv)
     assert (outputs(untied, x) - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_converted_model_equals_stock_model_with_repeated_kv_heads(name):
+    original = make(name, "sdpa")
+    converted = copy.deepcopy(original)
+    convert_to_gqa(converted, 2)
+    reference = repeated_kv_reference(original, converted)
+    assert type(reference) is type(original)  # stock classes, stock attention
+    x = ids()
+    torch.testing.assert_close(outputs(converted, x), outputs(reference, x), rtol=0, atol=1e-5)
 
 
 class ReversedHeadsMean(GQAMethod):
@@ -281,3 +292,33 @@ def test_model_class_without_plugin_class_is_refused():
     with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel, GPT2Model"):
         convert_to_gqa(model, 2)
     assert type(model.transformer.h[0].attn).__name__ == "GPT2Attention"
+
+
+# -- the packaged real encoder --------------------------------------------------------------------------------
+def test_real_minilm_gqa_matches_repeated_kv_reference_with_right_padding():
+    """all-MiniLM-L6-v2 12 -> 4 KV heads (mean): mean-pooled sentence embeddings of real tutorial paragraphs,
+    batched with right padding, equal those of the stock model holding the repeated pooled heads."""
+    from transformers import AutoTokenizer
+
+    from hf_attn_swap.data import default_eval_files
+    from hf_attn_swap.embeddings import mean_pooled_embeddings, prose_paragraphs
+    from hf_attn_swap.examples import example_model_path
+
+    try:
+        path = example_model_path("minilm")
+        texts = prose_paragraphs(default_eval_files(), limit=8)
+    except (ModuleNotFoundError, FileNotFoundError) as missing:
+        pytest.skip(f"packaged MiniLM or tutorial text unavailable: {missing}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    original = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    converted = copy.deepcopy(original)
+    report = convert_to_gqa(converted, 4)
+    assert report.kv_bytes_per_token_before / report.kv_bytes_per_token_after == 3
+    reference = repeated_kv_reference(original, converted)
+    batched = mean_pooled_embeddings(converted, tokenizer, texts, batch_size=8)
+    one_by_one = mean_pooled_embeddings(converted, tokenizer, texts, batch_size=1)
+    torch.testing.assert_close(batched, one_by_one, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        batched, mean_pooled_embeddings(reference, tokenizer, texts), rtol=0, atol=1e-5
+    )
+    assert (batched - mean_pooled_embeddings(original, tokenizer, texts)).abs().max() > 1e-2
