@@ -59,6 +59,29 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling",
+    "2_Normalize",
+)
+
+
+def copy_sentence_transformers_files(src: Path, dst: Path) -> list[str]:
+    """The pooling/normalisation set-up of a sentence-transformers folder (the weights are written anew)."""
+    copied = []
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name)
+        elif (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+        else:
+            continue
+        copied.append(name)
+    return copied
+
+
 def convert_checkpoint(
     src: str | Path,
     out: str | Path,
@@ -96,7 +119,12 @@ def convert_checkpoint(
         raise ValueError(f"unknown GQA method {method!r}; choose one of {sorted(GQA_METHODS)}")
     gqa_method = GQA_METHODS[method]
 
-    model = load_causal_lm(src, dtype=torch_dtype)
+    if layout.causal:
+        model = load_causal_lm(src, dtype=torch_dtype)
+    else:  # encoders (BERT): the checkpoint's own architecture, e.g. BertModel for sentence-transformers
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(str(src), dtype=torch_dtype).eval()
     calibration = None
     if gqa_method.needs_calibration:
         from .calibration import collect_attention_inputs_from_files
@@ -109,5 +137,6 @@ def convert_checkpoint(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer_files(src, tmp)
+        copy_sentence_transformers_files(src, tmp)
         report.save(tmp)
     return report

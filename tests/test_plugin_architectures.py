@@ -295,18 +295,20 @@ def test_model_class_without_plugin_class_is_refused():
 
 
 # -- the packaged real encoder --------------------------------------------------------------------------------
-def test_real_minilm_gqa_matches_repeated_kv_reference_with_right_padding():
+def test_real_minilm_gqa_matches_repeated_kv_reference_with_right_padding(tmp_path):
     """all-MiniLM-L6-v2 12 -> 4 KV heads (mean): mean-pooled sentence embeddings of real tutorial paragraphs,
-    batched with right padding, equal those of the stock model holding the repeated pooled heads."""
+    batched with right padding, equal those of the stock model holding the repeated pooled heads, and those
+    of the folder ``hf-attn-swap convert`` writes."""
     from transformers import AutoTokenizer
 
+    from hf_attn_swap.checkpoint import convert_checkpoint
     from hf_attn_swap.data import default_eval_files
     from hf_attn_swap.embeddings import mean_pooled_embeddings, prose_paragraphs
     from hf_attn_swap.examples import example_model_path
 
     try:
         path = example_model_path("minilm")
-        texts = prose_paragraphs(default_eval_files(), limit=8)
+        texts = prose_paragraphs(default_eval_files(), limit=4)
     except (ModuleNotFoundError, FileNotFoundError) as missing:
         pytest.skip(f"packaged MiniLM or tutorial text unavailable: {missing}")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -315,10 +317,16 @@ def test_real_minilm_gqa_matches_repeated_kv_reference_with_right_padding():
     report = convert_to_gqa(converted, 4)
     assert report.kv_bytes_per_token_before / report.kv_bytes_per_token_after == 3
     reference = repeated_kv_reference(original, converted)
-    batched = mean_pooled_embeddings(converted, tokenizer, texts, batch_size=8)
+    batched = mean_pooled_embeddings(converted, tokenizer, texts, batch_size=4)
     one_by_one = mean_pooled_embeddings(converted, tokenizer, texts, batch_size=1)
     torch.testing.assert_close(batched, one_by_one, rtol=0, atol=1e-5)
     torch.testing.assert_close(
         batched, mean_pooled_embeddings(reference, tokenizer, texts), rtol=0, atol=1e-5
     )
     assert (batched - mean_pooled_embeddings(original, tokenizer, texts)).abs().max() > 1e-2
+
+    convert_checkpoint(path, tmp_path / "out", num_key_value_heads=4)
+    saved = AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert type(saved).__name__ == "GroupedBertModel"
+    assert (tmp_path / "out" / "modules.json").is_file() and (tmp_path / "out" / "1_Pooling").is_dir()
+    torch.testing.assert_close(mean_pooled_embeddings(saved, tokenizer, texts), batched, rtol=0, atol=1e-5)
