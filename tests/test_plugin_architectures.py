@@ -171,6 +171,14 @@ def test_measured_kv_cache_shrinks_by_head_ratio(name, num_kv):
     assert before / after == 4 / num_kv
 
 
+def test_stock_falcon_40b_style_caches_every_query_head_the_plugin_only_kv_heads():
+    model = tiny_model("falcon", num_key_value_heads=2)  # new_decoder_architecture, num_kv_heads=2
+    stock = measure_kv_cache_bytes_per_token(model)
+    report = convert_to_gqa(model, 1)
+    assert stock == 2 * report.kv_bytes_per_token_before  # stock repeats K/V to all 4 heads before caching
+    assert measure_kv_cache_bytes_per_token(model) == report.kv_bytes_per_token_after == stock / 4
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_calibration_inputs_reach_every_attention_module(name):
     model = make(name)
