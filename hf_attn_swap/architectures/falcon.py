@@ -11,7 +11,7 @@ from torch import nn
 from ..models.falcon import GroupedFalconAttention, GroupedFalconConfig, stock_num_key_value_heads
 from .base import AttentionWeights, RopeInfo
 from .llama import rope_info_from_config
-from .plugin import PluginAdapter, copy_into, fuse_grouped_rows, split_grouped_rows, unsupported
+from .plugin import PluginAdapter, read_fused_grouped, unsupported, write_fused_grouped
 
 SUPPORTED_VARIANTS = (
     "rotary Falcon (alibi=False) in any of its layouts: new_decoder_architecture=True (Falcon-40B/180B style "
@@ -48,24 +48,10 @@ class FalconAdapter(PluginAdapter):
         return [layer.self_attention for layer in model.base_model.h]
 
     def read(self, attn: nn.Module) -> AttentionWeights:
-        d, qkv, dense = attn.head_dim, attn.query_key_value, attn.dense
-        kv = self.module_num_key_value_heads(attn)
-        q, k, v = split_grouped_rows(qkv.weight.detach(), kv, d)
-        qb, kb, vb = split_grouped_rows(None if qkv.bias is None else qkv.bias.detach(), kv, d)
-        return AttentionWeights(
-            q=q,
-            k=k,
-            v=v,
-            o=dense.weight.detach().reshape(dense.out_features, -1, d),
-            q_bias=qb,
-            k_bias=kb,
-            v_bias=vb,
-            o_bias=None if dense.bias is None else dense.bias.detach(),
+        return read_fused_grouped(
+            attn.query_key_value, attn.dense, self.module_num_key_value_heads(attn), attn.head_dim
         )
 
     def write(self, attn: nn.Module, weights: AttentionWeights) -> None:
         self.ensure_kv_heads(attn, weights.num_key_value_heads)
-        weight = fuse_grouped_rows(weights.q, weights.k, weights.v)
-        bias = fuse_grouped_rows(weights.q_bias, weights.k_bias, weights.v_bias)
-        copy_into(attn.query_key_value, weight, bias)
-        copy_into(attn.dense, weights.o.reshape(weights.o.shape[0], -1), weights.o_bias)
+        write_fused_grouped(attn.query_key_value, attn.dense, weights)

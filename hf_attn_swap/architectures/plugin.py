@@ -126,27 +126,32 @@ def fuse_grouped_rows(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.T
     return torch.cat([q, k.unsqueeze(1), v.unsqueeze(1)], dim=1).flatten(0, 2)
 
 
+def with_output(q, k, v, q_bias, k_bias, v_bias, o: nn.Linear, head_dim: int) -> AttentionWeights:
+    """Head-major q/k/v (and biases) plus the output projection ``o`` -> ``AttentionWeights``."""
+    return AttentionWeights(
+        q=q,
+        k=k,
+        v=v,
+        o=o.weight.detach().reshape(o.out_features, -1, head_dim),
+        q_bias=q_bias,
+        k_bias=k_bias,
+        v_bias=v_bias,
+        o_bias=None if o.bias is None else o.bias.detach(),
+    )
+
+
 def read_projections(
     q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, head_dim: int
 ) -> AttentionWeights:
     """Separate q/k/v/o ``nn.Linear`` projections -> head-major ``AttentionWeights``."""
 
     def heads(linear):
-        weight = linear.weight.detach()
-        bias = None if linear.bias is None else linear.bias.detach().view(-1, head_dim)
-        return weight.view(-1, head_dim, weight.shape[1]), bias
+        return linear.weight.detach().reshape(-1, head_dim, linear.in_features)
 
-    (qw, qb), (kw, kb), (vw, vb) = heads(q), heads(k), heads(v)
-    return AttentionWeights(
-        q=qw,
-        k=kw,
-        v=vw,
-        o=o.weight.detach().view(o.out_features, -1, head_dim),
-        q_bias=qb,
-        k_bias=kb,
-        v_bias=vb,
-        o_bias=None if o.bias is None else o.bias.detach(),
-    )
+    def bias(linear):
+        return None if linear.bias is None else linear.bias.detach().view(-1, head_dim)
+
+    return with_output(heads(q), heads(k), heads(v), bias(q), bias(k), bias(v), o, head_dim)
 
 
 def write_projections(
@@ -161,3 +166,26 @@ def write_projections(
     ):
         copy_into(linear, weight.reshape(-1, hidden), flat(bias))
     copy_into(o, weights.o.reshape(weights.o.shape[0], -1), weights.o_bias)
+
+
+def read_fused_grouped(
+    qkv: nn.Linear, dense: nn.Linear, num_key_value_heads: int, head_dim: int
+) -> AttentionWeights:
+    """A fused ``qkv`` projection in the grouped layout and an output projection -> ``AttentionWeights``."""
+    bias = None if qkv.bias is None else qkv.bias.detach()
+    return with_output(
+        *split_grouped_rows(qkv.weight.detach(), num_key_value_heads, head_dim),
+        *split_grouped_rows(bias, num_key_value_heads, head_dim),
+        dense,
+        head_dim,
+    )
+
+
+def write_fused_grouped(qkv: nn.Linear, dense: nn.Linear, weights: AttentionWeights) -> None:
+    """Copy ``weights`` into a fused ``qkv`` projection in the grouped layout and an output projection."""
+    copy_into(
+        qkv,
+        fuse_grouped_rows(weights.q, weights.k, weights.v),
+        fuse_grouped_rows(weights.q_bias, weights.k_bias, weights.v_bias),
+    )
+    copy_into(dense, weights.o.reshape(weights.o.shape[0], -1), weights.o_bias)

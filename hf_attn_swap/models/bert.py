@@ -5,12 +5,8 @@ registered."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
-from transformers.cache_utils import EncoderDecoderCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import (
     BertForMaskedLM,
     BertForSequenceClassification,
@@ -21,11 +17,13 @@ from transformers.models.bert.modeling_bert import (
 )
 
 from .grouped import (
+    GroupedConfigMixin,
     GroupedModelMixin,
-    check_num_key_value_heads,
+    attend,
     resized_projection,
     save_code_with_checkpoints,
     set_grouping,
+    update_cache,
     with_repeated_kv,
 )
 
@@ -33,15 +31,9 @@ grouped_eager_attention = with_repeated_kv(eager_attention_forward)
 
 
 @strict
-class GroupedBertConfig(BertConfig):
+class GroupedBertConfig(GroupedConfigMixin, BertConfig):
     model_type = "hf_attn_swap_bert"
     num_key_value_heads: int | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        check_num_key_value_heads(self.num_attention_heads, self.num_key_value_heads)
 
 
 class GroupedBertSelfAttention(BertSelfAttention):
@@ -61,17 +53,10 @@ class GroupedBertSelfAttention(BertSelfAttention):
         query = self.query(hidden_states).view(heads).transpose(1, 2)
         key = self.key(hidden_states).view(heads).transpose(1, 2)
         value = self.value(hidden_states).view(heads).transpose(1, 2)
-        if past_key_values is not None:
-            cache = past_key_values
-            if isinstance(cache, EncoderDecoderCache):
-                cache = cache.self_attention_cache
-            key, value = cache.update(key, value, self.layer_idx)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, grouped_eager_attention
-        )
-        attn_output, attn_weights = attention_interface(
+        key, value = update_cache(past_key_values, key, value, self.layer_idx)
+        attn_output, attn_weights = attend(
             self,
+            grouped_eager_attention,
             query,
             key,
             value,

@@ -5,12 +5,9 @@ of H_kv heads (stock Falcon-40B repeats K/V to H heads before caching). ALiBi va
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from transformers import FalconConfig
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.falcon.modeling_falcon import (
     FalconAttention,
     FalconForCausalLM,
@@ -19,12 +16,14 @@ from transformers.models.falcon.modeling_falcon import (
 )
 
 from .grouped import (
+    GroupedConfigMixin,
     GroupedModelMixin,
-    check_num_key_value_heads,
+    attend,
     resized_projection,
     save_code_with_checkpoints,
     set_grouping,
     split_grouped_qkv,
+    update_cache,
     with_repeated_kv,
 )
 
@@ -50,17 +49,17 @@ grouped_eager_attention = with_repeated_kv(eager_attention_forward)
 
 
 @strict
-class GroupedFalconConfig(FalconConfig):
+class GroupedFalconConfig(GroupedConfigMixin, FalconConfig):
     model_type = "hf_attn_swap_falcon"
     num_key_value_heads: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = stock_num_key_value_heads(self)
-        check_num_key_value_heads(self.num_attention_heads, self.num_key_value_heads)
         if self.alibi:
             raise ValueError("hf_attn_swap's grouped Falcon supports rotary Falcon only (alibi=False)")
+
+    def stock_num_key_value_heads(self) -> int:
+        return stock_num_key_value_heads(self)
 
 
 class GroupedFalconAttention(FalconAttention):
@@ -94,16 +93,11 @@ class GroupedFalconAttention(FalconAttention):
         query, key, value = split_grouped_qkv(
             self.query_key_value(hidden_states), self.num_key_value_heads, self.head_dim
         )
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if layer_past is not None:
-            key, value = layer_past.update(key, value, self.layer_idx)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, grouped_eager_attention
-        )
-        attn_output, attn_weights = attention_interface(
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        key, value = update_cache(layer_past, key, value, self.layer_idx)
+        attn_output, attn_weights = attend(
             self,
+            grouped_eager_attention,
             query,
             key,
             value,

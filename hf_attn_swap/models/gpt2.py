@@ -3,12 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config
-from transformers.cache_utils import EncoderDecoderCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import (
     GPT2Attention,
     GPT2LMHeadModel,
@@ -17,12 +13,14 @@ from transformers.models.gpt2.modeling_gpt2 import (
 )
 
 from .grouped import (
+    GroupedConfigMixin,
     GroupedModelMixin,
-    check_num_key_value_heads,
+    attend,
     repeat_kv,
     resized_projection,
     save_code_with_checkpoints,
     set_grouping,
+    update_cache,
     with_repeated_kv,
 )
 
@@ -30,15 +28,9 @@ grouped_eager_attention = with_repeated_kv(eager_attention_forward)
 
 
 @strict
-class GroupedGPT2Config(GPT2Config):
+class GroupedGPT2Config(GroupedConfigMixin, GPT2Config):
     model_type = "hf_attn_swap_gpt2"
     num_key_value_heads: int | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        check_num_key_value_heads(self.num_attention_heads, self.num_key_value_heads)
 
 
 class GroupedGPT2Attention(GPT2Attention):
@@ -72,12 +64,7 @@ class GroupedGPT2Attention(GPT2Attention):
         query, key, value = self.c_attn(hidden_states).split([q_size, kv_size, kv_size], dim=-1)
         heads = (*hidden_states.shape[:-1], -1, self.head_dim)
         query, key, value = (x.view(heads).transpose(1, 2) for x in (query, key, value))
-
-        if past_key_values is not None:
-            cache = past_key_values
-            if isinstance(cache, EncoderDecoderCache):
-                cache = cache.self_attention_cache
-            key, value = cache.update(key, value, self.layer_idx)
+        key, value = update_cache(past_key_values, key, value, self.layer_idx)
 
         if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:
             groups = self.num_key_value_groups
@@ -85,11 +72,9 @@ class GroupedGPT2Attention(GPT2Attention):
                 query, repeat_kv(key, groups), repeat_kv(value, groups), attention_mask
             )
         else:
-            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, grouped_eager_attention
-            )
-            attn_output, attn_weights = attention_interface(
+            attn_output, attn_weights = attend(
                 self,
+                grouped_eager_attention,
                 query,
                 key,
                 value,
@@ -99,8 +84,7 @@ class GroupedGPT2Attention(GPT2Attention):
                 **kwargs,
             )
         attn_output = attn_output.reshape(*attn_output.shape[:-2], -1).contiguous()
-        attn_output = self.resid_dropout(self.c_proj(attn_output))
-        return attn_output, attn_weights
+        return self.resid_dropout(self.c_proj(attn_output)), attn_weights
 
 
 class GroupedGPT2Model(GroupedModelMixin, GPT2Model):

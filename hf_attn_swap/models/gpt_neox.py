@@ -4,11 +4,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from huggingface_hub.dataclasses import strict
 from transformers import GPTNeoXConfig
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt_neox.modeling_gpt_neox import (
     GPTNeoXAttention,
     GPTNeoXForCausalLM,
@@ -18,12 +15,14 @@ from transformers.models.gpt_neox.modeling_gpt_neox import (
 )
 
 from .grouped import (
+    GroupedConfigMixin,
     GroupedModelMixin,
-    check_num_key_value_heads,
+    attend,
     resized_projection,
     save_code_with_checkpoints,
     set_grouping,
     split_grouped_qkv,
+    update_cache,
     with_repeated_kv,
 )
 
@@ -31,15 +30,9 @@ grouped_eager_attention = with_repeated_kv(eager_attention_forward)
 
 
 @strict
-class GroupedGPTNeoXConfig(GPTNeoXConfig):
+class GroupedGPTNeoXConfig(GroupedConfigMixin, GPTNeoXConfig):
     model_type = "hf_attn_swap_gpt_neox"
     num_key_value_heads: int | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        check_num_key_value_heads(self.num_attention_heads, self.num_key_value_heads)
 
 
 class GroupedGPTNeoXAttention(GPTNeoXAttention):
@@ -56,20 +49,13 @@ class GroupedGPTNeoXAttention(GPTNeoXAttention):
         return attn
 
     def forward(self, hidden_states, attention_mask, layer_past=None, position_embeddings=None, **kwargs):
-        input_shape = hidden_states.shape[:-1]
-        query, key, value = split_grouped_qkv(
-            self.query_key_value(hidden_states), self.num_key_value_heads, self.head_size
-        )
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if layer_past is not None:
-            key, value = layer_past.update(key, value, self.layer_idx)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, grouped_eager_attention
-        )
-        attn_output, attn_weights = attention_interface(
+        fused = self.query_key_value(hidden_states)
+        query, key, value = split_grouped_qkv(fused, self.num_key_value_heads, self.head_size)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        key, value = update_cache(layer_past, key, value, self.layer_idx)
+        attn_output, attn_weights = attend(
             self,
+            grouped_eager_attention,
             query,
             key,
             value,
@@ -78,7 +64,7 @@ class GroupedGPTNeoXAttention(GPTNeoXAttention):
             dropout=0.0 if not self.training else self.attention_dropout,
             **kwargs,
         )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.dense(attn_output), attn_weights
 
 

@@ -17,7 +17,9 @@ import sys
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
 #: stock model class -> plugin model class (filled as plugin classes are defined)
@@ -37,6 +39,40 @@ def with_repeated_kv(eager_attention):
 
     grouped_eager_attention.__name__ = f"grouped_{getattr(eager_attention, '__name__', 'eager')}"
     return grouped_eager_attention
+
+
+def attend(module: nn.Module, grouped_eager_attention, query, key, value, attention_mask, **kwargs):
+    """Attention through the configured implementation (``ALL_ATTENTION_FUNCTIONS``: sdpa, flash, flex, or a
+    registered one), or ``grouped_eager_attention`` for "eager". q [B, H, T, d], k/v [B, H_kv, S, d] ->
+    (output [B, T, H, d], weights or None)."""
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, grouped_eager_attention
+    )
+    return attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def update_cache(past_key_values, key, value, layer_idx: int):
+    """Append this step's grouped K/V [B, H_kv, T, d] to the cache (self-attention part of an encoder-decoder
+    cache) and return all cached K/V; a no-op without a cache."""
+    if past_key_values is None:
+        return key, value
+    if isinstance(past_key_values, EncoderDecoderCache):
+        past_key_values = past_key_values.self_attention_cache
+    return past_key_values.update(key, value, layer_idx)
+
+
+class GroupedConfigMixin:
+    """Base for plugin configs ``@strict class GroupedXConfig(GroupedConfigMixin, XConfig)`` that declare
+    ``num_key_value_heads: int | None = None`` (None: the stock model's K/V head count)."""
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.stock_num_key_value_heads()
+        check_num_key_value_heads(self.num_attention_heads, self.num_key_value_heads)
+
+    def stock_num_key_value_heads(self) -> int:
+        return self.num_attention_heads
 
 
 def split_grouped_qkv(fused: torch.Tensor, num_key_value_heads: int, head_dim: int):

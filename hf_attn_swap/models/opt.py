@@ -4,11 +4,8 @@ every projection, learned positions (from the attention mask) outside the attent
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from huggingface_hub.dataclasses import strict
 from transformers import OPTConfig
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.opt.modeling_opt import (
     OPTAttention,
     OPTForCausalLM,
@@ -17,11 +14,13 @@ from transformers.models.opt.modeling_opt import (
 )
 
 from .grouped import (
+    GroupedConfigMixin,
     GroupedModelMixin,
-    check_num_key_value_heads,
+    attend,
     resized_projection,
     save_code_with_checkpoints,
     set_grouping,
+    update_cache,
     with_repeated_kv,
 )
 
@@ -29,15 +28,9 @@ grouped_eager_attention = with_repeated_kv(eager_attention_forward)
 
 
 @strict
-class GroupedOPTConfig(OPTConfig):
+class GroupedOPTConfig(GroupedConfigMixin, OPTConfig):
     model_type = "hf_attn_swap_opt"
     num_key_value_heads: int | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        check_num_key_value_heads(self.num_attention_heads, self.num_key_value_heads)
 
 
 class GroupedOPTAttention(OPTAttention):
@@ -55,20 +48,14 @@ class GroupedOPTAttention(OPTAttention):
     def forward(
         self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs
     ):
-        bsz, tgt_len, _ = hidden_states.size()
-        query = (
-            (self.q_proj(hidden_states) * self.scaling).view(bsz, tgt_len, -1, self.head_dim).transpose(1, 2)
-        )
-        key = self.k_proj(hidden_states).view(bsz, tgt_len, -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(bsz, tgt_len, -1, self.head_dim).transpose(1, 2)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, grouped_eager_attention
-        )
-        attn_output, attn_weights = attention_interface(
+        heads = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = (self.q_proj(hidden_states) * self.scaling).view(heads).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(heads).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(heads).transpose(1, 2)
+        key, value = update_cache(past_key_values, key, value, self.layer_idx)
+        attn_output, attn_weights = attend(
             self,
+            grouped_eager_attention,
             query,
             key,
             value,
@@ -77,7 +64,7 @@ class GroupedOPTAttention(OPTAttention):
             scaling=1.0,
             **kwargs,
         )
-        attn_output = attn_output.reshape(bsz, tgt_len, -1).contiguous()
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.out_proj(attn_output), attn_weights
 
 
