@@ -115,24 +115,6 @@ def tiny_tokenizer(vocab_size: int = 128):
     )
 
 
-def tie_kv_heads_in_groups(model, num_key_value_heads: int):
-    """Make the K/V heads that ``convert_to_gqa(model, num_key_value_heads)`` merges identical (each a copy of
-    its group's first head, biases too), in place and through the model's adapter, so that conversion must
-    be exact. The model keeps its head count (and its stock modules). Returns ``model``."""
-    adapter = get_adapter(model)
-
-    def tie(x):
-        if x is None:
-            return None
-        groups = x.reshape(num_key_value_heads, -1, *x.shape[1:])
-        return groups[:, :1].expand_as(groups).reshape(x.shape).clone()
-
-    for attn in adapter.attention_modules(model):
-        w = adapter.read(attn)
-        adapter.write(attn, replace(w, k=tie(w.k), v=tie(w.v), k_bias=tie(w.k_bias), v_bias=tie(w.v_bias)))
-    return model
-
-
 def repeated_kv_reference(original, converted):
     """A copy of the MHA ``original`` that computes what ``converted`` (a GQA conversion of it) computes with
     stock attention: ``converted``'s weights with every K/V head repeated for the query heads that read it.

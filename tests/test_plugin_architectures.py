@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_groups_identical, subprocess_env
 from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_attn_swap
@@ -21,9 +20,7 @@ from hf_attn_swap import UnsupportedArchitectureError, convert_to_gqa, get_adapt
 from hf_attn_swap.calibration import collect_attention_inputs
 from hf_attn_swap.evaluation import measure_kv_cache_bytes_per_token
 from hf_attn_swap.gqa import GQAMethod, MeanPooling
-from hf_attn_swap.testing import repeated_kv_reference, tie_kv_heads_in_groups, tiny_model
-
-REPO = Path(__file__).resolve().parents[1]
+from hf_attn_swap.testing import repeated_kv_reference, tiny_model
 
 #: name -> (model_type, Auto class, config overrides); every case has 4 query heads and 4 KV heads
 CASES = {
@@ -65,7 +62,8 @@ def ids(batch=2, length=12, seed=1):
 @pytest.mark.parametrize("num_kv", [2, 1])
 @pytest.mark.parametrize("name", list(CASES))
 def test_identical_heads_in_group_convert_exactly(name, num_kv, attn_implementation):
-    original = tie_kv_heads_in_groups(make(name, attn_implementation), num_kv)
+    original = make(name, attn_implementation)
+    make_groups_identical(original, num_kv)
     converted = copy.deepcopy(original)
     report = convert_to_gqa(converted, num_kv)
     assert report.changed and report.after == {"num_key_value_heads": num_kv}
@@ -108,7 +106,8 @@ class ReversedHeadsMean(GQAMethod):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_query_head_permutations_and_reconversion(name):
-    original = tie_kv_heads_in_groups(make(name), 1)
+    original = make(name)
+    make_groups_identical(original, 1)
     x = ids()
     reference = outputs(original, x)
     permuted = copy.deepcopy(original)
@@ -224,10 +223,10 @@ def saved(tmp_path_factory):
         model.save_pretrained(root / name)
         expected[name] = (outputs(model, x), type(model).__name__)
         jobs.append([str(root / name), auto_class.__name__, x.tolist()])
-    env = {**os.environ, "HF_MODULES_CACHE": str(root / "hf_modules"), "PYTHONPATH": str(REPO)}
     for mode in ("package", "remote"):
-        if mode == "remote":
-            env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+        env = subprocess_env(HF_MODULES_CACHE=str(root / "hf_modules"))
+        if mode == "remote":  # the checkpoint's own code only (hf_attn_swap is also blocked in the script)
+            del env["PYTHONPATH"]
         subprocess.run(
             [sys.executable, "-c", LOAD_SCRIPT, mode, json.dumps(jobs)], check=True, cwd=root, env=env
         )
