@@ -249,6 +249,24 @@ def test_save_load_round_trip_in_fresh_process(saved, name, mode):
     assert config["model_type"].startswith("hf_attn_swap_") and "AutoConfig" in config["auto_map"]
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_convert_checkpoint_of_a_from_pretrained_source(saved_tiny, tmp_path, name):
+    """Folder to folder: keys renamed by the stock loader (GPT-NeoX's embed_out) survive the plugin round trip."""
+    from hf_attn_swap.checkpoint import convert_checkpoint
+
+    model_type, auto_class, overrides = CASES[name]
+    src = saved_tiny(model_type, auto_class=auto_class, **overrides)
+    convert_checkpoint(src, tmp_path / "out", num_key_value_heads=2)
+    loaded, info = auto_class.from_pretrained(
+        tmp_path / "out", attn_implementation="eager", output_loading_info=True
+    )
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    expected = auto_class.from_pretrained(src, attn_implementation="eager").eval()
+    convert_to_gqa(expected, 2)
+    x = ids()
+    assert torch.equal(outputs(loaded.eval(), x), outputs(expected, x))
+
+
 def test_plugin_classes_are_registered_with_auto_classes():
     from transformers import AutoConfig
 

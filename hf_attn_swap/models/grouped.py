@@ -18,6 +18,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import EncoderDecoderCache
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
@@ -127,6 +131,13 @@ class GroupedModelMixin:
             if issubclass(base, PreTrainedModel) and not issubclass(base, GroupedModelMixin)
         )
         GROUPED_MODEL_CLASSES[stock] = cls
+        # Load and save with the stock class's checkpoint key renames (e.g. GPT-NeoX's embed_out -> lm_head):
+        # transformers applies them to custom classes only when registered under the class name.
+        renames = get_checkpoint_conversion_mapping(stock.__name__) or get_checkpoint_conversion_mapping(
+            stock.config_class.model_type
+        )
+        if renames:
+            register_checkpoint_conversion_mapping(cls.__name__, renames, overwrite=True)
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
