@@ -7,7 +7,10 @@ from torch import nn
 
 from ..architectures import AttentionLayout, get_adapter
 from ..report import ConversionReport
+from .alignment import AlignedMean
 from .base import GQAMethod, LayerContext
+from .fit import ActivationFit
+from .grouping import SimilarityGrouping
 from .mean import MeanPooling
 
 GQA_METHODS: dict[str, GQAMethod] = {}
@@ -19,6 +22,11 @@ def register_gqa_method(method: GQAMethod) -> GQAMethod:
 
 
 register_gqa_method(MeanPooling())
+register_gqa_method(AlignedMean())
+register_gqa_method(ActivationFit())
+register_gqa_method(SimilarityGrouping("group", MeanPooling(), aligned=False))
+register_gqa_method(SimilarityGrouping("group-align", AlignedMean(), aligned=True))
+register_gqa_method(SimilarityGrouping("group-fit", ActivationFit(), aligned=True))
 
 
 def validate_num_key_value_heads(layout: AttentionLayout, num_key_value_heads) -> int:
@@ -52,6 +60,13 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+def _norm_weight(attn: nn.Module, name: str) -> torch.Tensor | None:
+    """The weight of a per-head norm on q or k (Qwen3's ``q_norm``/``k_norm``), if the module has one."""
+    norm = getattr(attn, name, None)
+    weight = getattr(norm, "weight", None)
+    return None if weight is None else weight.detach().float().cpu()
+
+
 def convert_to_gqa(
     model: nn.Module,
     num_key_value_heads: int,
@@ -63,7 +78,7 @@ def convert_to_gqa(
     Weights, biases, module attributes and ``model.config.num_key_value_heads`` are updated; for families
     with native GQA the result saves and loads with stock transformers. Arithmetic is done in float32 and
     cast back to the model's dtype. ``calibration``: per-layer attention inputs [N, hidden], for methods with
-    ``needs_calibration`` (see ``hf_attn_swap.gqa.calibration``).
+    ``needs_calibration`` (see ``hf_attn_swap.calibration``).
 
     Raises ``ValueError`` (before touching the model) for a head count that is not in
     ``{n <= H_kv : H % n == 0}``, and ``UnsupportedArchitectureError`` for unknown families.
@@ -112,6 +127,8 @@ def convert_to_gqa(
                 layout=layout,
                 num_key_value_heads=num_key_value_heads,
                 inputs=None if calibration is None else calibration[idx].float(),
+                q_norm_weight=_norm_weight(attn, "q_norm"),
+                k_norm_weight=_norm_weight(attn, "k_norm"),
             )
             new_weights.append(method.convert_layer(adapter.read(attn).to(torch.float32), ctx).to(dtype))
         for attn, weights in zip(attention, new_weights, strict=True):
