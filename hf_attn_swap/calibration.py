@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .architectures import get_adapter
-from .data import load_token_ids
+from .data import load_token_ids, resolve_text_files
 from .evaluation import windows
 
 
@@ -49,13 +49,19 @@ def collect_attention_inputs(
     return out
 
 
+def require_calibration_files(paths, method: str = "this method"):
+    """The calibration text files at ``paths``; a ``ValueError`` naming ``--calibration-data`` when none given."""
+    if not paths:
+        raise ValueError(
+            f"{method} needs calibration text: pass --calibration-data FILE... (e.g. the default corpus "
+            "/usr/share/doc/python3.11/html/_sources/library, disjoint from the eval text)"
+        )
+    return resolve_text_files(paths)
+
+
 def collect_attention_inputs_from_files(
     model: nn.Module, tokenizer, paths, max_tokens: int = 8192, window: int = 512
 ) -> list[torch.Tensor]:
     """``collect_attention_inputs`` on the first ``max_tokens`` tokens of the text files at ``paths``."""
-    if not paths:
-        raise ValueError(
-            "this method needs calibration text: pass --calibration-data FILE... "
-            "(default corpus: /usr/share/doc/python3.11/html/_sources/library, disjoint from the eval text)"
-        )
+    require_calibration_files(paths)
     return collect_attention_inputs(model, load_token_ids(tokenizer, paths, max_tokens), window=window)

@@ -91,6 +91,7 @@ def convert_checkpoint(
     method: str = "mean",
     calibration_data=None,
     calibration_tokens: int = 8192,
+    calibration_inputs: list[torch.Tensor] | None = None,
     dtype: str = "auto",
     overwrite: bool = False,
 ) -> ConversionReport:
@@ -115,6 +116,10 @@ def convert_checkpoint(
     if num_key_value_heads is None:
         raise ValueError("--to gqa needs --num-kv-heads N (1 = MQA)")
     validate_num_key_value_heads(layout, num_key_value_heads)
+    if getattr(GQA_METHODS.get(method), "needs_calibration", False) and calibration_inputs is None:
+        from .calibration import require_calibration_files
+
+        require_calibration_files(calibration_data, f"method {method!r}")  # before any weight is loaded
     if method not in GQA_METHODS:
         raise ValueError(f"unknown GQA method {method!r}; choose one of {sorted(GQA_METHODS)}")
     gqa_method = GQA_METHODS[method]
@@ -125,8 +130,8 @@ def convert_checkpoint(
         from transformers import AutoModel
 
         model = AutoModel.from_pretrained(str(src), dtype=torch_dtype).eval()
-    calibration = None
-    if gqa_method.needs_calibration:
+    calibration = calibration_inputs
+    if gqa_method.needs_calibration and calibration is None:
         from .calibration import collect_attention_inputs_from_files
 
         calibration = collect_attention_inputs_from_files(

@@ -162,33 +162,53 @@ def _cmd_eval(args) -> int:
 
 # -- demo (the README's main job) ------------------------------------------------------------------------------
 def _cmd_demo(args) -> int:
-    from .checkpoint import convert_checkpoint
+    from .checkpoint import convert_checkpoint, load_causal_lm, load_tokenizer
     from .examples import example_model_path
+    from .gqa import GQA_METHODS
 
+    methods = list(dict.fromkeys(args.method or ["mean"]))
+    unknown = [m for m in methods if m not in GQA_METHODS]
+    if unknown:
+        raise ValueError(f"unknown GQA method(s) {unknown}; choose from {sorted(GQA_METHODS)}")
     src = example_model_path("smollm2")
     workdir = Path(args.workdir).expanduser()
-    converted = workdir / f"SmolLM2-135M-Instruct-kv{args.num_kv_heads}-{args.method}"
-    report = convert_checkpoint(
-        src,
-        converted,
-        to="gqa",
-        num_key_value_heads=args.num_kv_heads,
-        method=args.method,
-        calibration_data=args.calibration_data,
-        overwrite=True,
-    )
-    print(report)
-    models = {
-        "original (3 KV heads)": str(src),
-        f"{args.method}-pooled ({args.num_kv_heads} KV heads)": str(converted),
-    }
+    calibration, calibration_info = None, None
+    if any(GQA_METHODS[m].needs_calibration for m in methods):  # collected once, shared by the methods
+        from .calibration import collect_attention_inputs, require_calibration_files
+        from .data import default_train_files, load_token_ids
+
+        files = require_calibration_files(args.calibration_data or default_train_files(), "demo")
+        ids = load_token_ids(load_tokenizer(src), files, args.calibration_tokens)
+        calibration = collect_attention_inputs(load_causal_lm(src), ids, window=args.calibration_window)
+        calibration_info = {
+            "tokens": int(ids.numel()),
+            "window": args.calibration_window,
+            "files": len(files),
+            "first_file": str(files[0]),
+        }
+    models, reports = {"original (3 KV heads)": str(src)}, {}
+    for method in methods:
+        converted = workdir / f"SmolLM2-135M-Instruct-kv{args.num_kv_heads}-{method}"
+        reports[method] = convert_checkpoint(
+            src,
+            converted,
+            to="gqa",
+            num_key_value_heads=args.num_kv_heads,
+            method=method,
+            calibration_inputs=calibration if GQA_METHODS[method].needs_calibration else None,
+            overwrite=True,
+        )
+        print(reports[method])
+        models[f"{method}-pooled ({args.num_kv_heads} KV heads)"] = str(converted)
     results = evaluate_checkpoints(models, args.data, str(src), args.max_tokens, args.window)
     rows = [{"name": name, **r} for name, r in results.items()]
     print()
     print(markdown_table(rows, EVAL_COLUMNS))
     payload = {
         "results": results,
-        "conversion": report.to_dict(),
+        "conversion": reports[methods[0]].to_dict(),
+        "conversions": {m: r.to_dict() for m, r in reports.items()},
+        "calibration": calibration_info,
         "command": sys.argv,
         "machine": machine_info(),
     }
@@ -234,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--to", choices=["gqa"], required=True, help="target attention")
     p.add_argument("--num-kv-heads", type=int, help="gqa: KV heads after conversion (1 = MQA)")
-    p.add_argument("--method", default="mean", help="gqa: initialisation method (default %(default)s)")
+    p.add_argument(
+        "--method",
+        default="mean",
+        help="gqa: initialisation method: mean, group, align, fit, group-align, group-fit (default %(default)s;"
+        " all but mean need --calibration-data)",
+    )
     p.add_argument("--calibration-data", nargs="+", metavar="FILE", help="text for activation-aware methods")
     p.add_argument("--calibration-tokens", type=int, default=8192)
     p.add_argument(
@@ -259,8 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="main job: convert the packaged SmolLM2 to MQA and evaluate both")
     _add_eval_options(p)
     p.add_argument("--num-kv-heads", type=int, default=1)
-    p.add_argument("--method", default="mean")
-    p.add_argument("--calibration-data", nargs="+", metavar="FILE")
+    p.add_argument(
+        "--method",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        help="one or more GQA methods to convert with and compare (default: mean)",
+    )
+    p.add_argument(
+        "--calibration-data",
+        nargs="+",
+        metavar="FILE",
+        help="calibration text for activation-aware methods (default: the Python library reference)",
+    )
+    p.add_argument("--calibration-tokens", type=int, default=8192)
+    p.add_argument("--calibration-window", type=int, default=512)
     p.add_argument("--workdir", default="runs/demo", help="where the converted model and demo.json go")
     p.set_defaults(func=_cmd_demo)
     return parser

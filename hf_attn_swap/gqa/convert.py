@@ -60,11 +60,27 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
-def _norm_weight(attn: nn.Module, name: str) -> torch.Tensor | None:
-    """The weight of a per-head norm on q or k (Qwen3's ``q_norm``/``k_norm``), if the module has one."""
-    norm = getattr(attn, name, None)
-    weight = getattr(norm, "weight", None)
-    return None if weight is None else weight.detach().float().cpu()
+def layer_context(
+    attn: nn.Module,
+    layer_idx: int,
+    layout: AttentionLayout,
+    num_key_value_heads: int,
+    inputs: torch.Tensor | None = None,
+) -> LayerContext:
+    """What a method sees of one attention module: target head count, calibration inputs, q/k norm weights."""
+
+    def norm_weight(name):  # a per-head norm on q or k (Qwen3's ``q_norm``/``k_norm``), if any
+        weight = getattr(getattr(attn, name, None), "weight", None)
+        return None if weight is None else weight.detach().float().cpu()
+
+    return LayerContext(
+        layer_idx=layer_idx,
+        layout=layout,
+        num_key_value_heads=num_key_value_heads,
+        inputs=None if inputs is None else inputs.float(),
+        q_norm_weight=norm_weight("q_norm"),
+        k_norm_weight=norm_weight("k_norm"),
+    )
 
 
 def convert_to_gqa(
@@ -118,19 +134,17 @@ def convert_to_gqa(
             f"method {method.name!r} needs calibration activations for each of the {len(attention)} layers: "
             "pass calibration=hf_attn_swap.calibration.collect_attention_inputs(model, token_ids) (CLI: --calibration-data FILE...)"
         )
+    if method.needs_calibration:
+        report.details["calibration_tokens"] = int(calibration[0].shape[0])
     # Compute every layer first, then write: a failing method leaves the model untouched.
     new_weights = []
     with torch.no_grad():
         for idx, attn in enumerate(attention):
-            ctx = LayerContext(
-                layer_idx=idx,
-                layout=layout,
-                num_key_value_heads=num_key_value_heads,
-                inputs=None if calibration is None else calibration[idx].float(),
-                q_norm_weight=_norm_weight(attn, "q_norm"),
-                k_norm_weight=_norm_weight(attn, "k_norm"),
-            )
+            inputs = None if calibration is None else calibration[idx]
+            ctx = layer_context(attn, idx, layout, num_key_value_heads, inputs)
             new_weights.append(method.convert_layer(adapter.read(attn).to(torch.float32), ctx).to(dtype))
+            if "head_order" in ctx.cache:
+                report.details.setdefault("head_order", []).append(ctx.cache["head_order"])
         for attn, weights in zip(attention, new_weights, strict=True):
             adapter.write(attn, weights)
     adapter.set_num_key_value_heads(model, num_key_value_heads)
