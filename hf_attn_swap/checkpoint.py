@@ -91,14 +91,16 @@ def convert_checkpoint(
     method: str = "mean",
     calibration_data=None,
     calibration_tokens: int = 8192,
-    calibration_inputs: list[torch.Tensor] | None = None,
+    calibration_inputs=None,
     dtype: str = "auto",
     overwrite: bool = False,
 ) -> ConversionReport:
     """Load ``src``, convert it, and save the result (weights, config, tokenizer, ``conversion.json``) to ``out``.
 
     Everything that can be checked from the config (family, head counts, dtype, paths) is checked before any
-    weight is loaded; nothing is written to ``out`` unless the conversion succeeds.
+    weight is loaded; nothing is written to ``out`` unless the conversion succeeds. Methods that need calibration
+    read the first ``calibration_tokens`` tokens of ``calibration_data``, unless ``calibration_inputs`` (a
+    ``hf_attn_swap.calibration.Calibration`` of this source model) is given.
     """
     from transformers import AutoConfig
 
@@ -132,10 +134,14 @@ def convert_checkpoint(
         model = AutoModel.from_pretrained(str(src), dtype=torch_dtype).eval()
     calibration = calibration_inputs
     if gqa_method.needs_calibration and calibration is None:
-        from .calibration import collect_attention_inputs_from_files
+        from .calibration import collect_calibration_from_files
 
-        calibration = collect_attention_inputs_from_files(
-            model, load_tokenizer(src), calibration_data, max_tokens=calibration_tokens
+        calibration = collect_calibration_from_files(
+            model,
+            load_tokenizer(src),
+            calibration_data,
+            max_tokens=calibration_tokens,
+            key_weights=gqa_method.uses_key_weights,
         )
     report = convert_to_gqa(model, num_key_value_heads, method=gqa_method, calibration=calibration)
     report.details["source"] = str(src)

@@ -174,12 +174,15 @@ def _cmd_demo(args) -> int:
     workdir = Path(args.workdir).expanduser()
     calibration, calibration_info = None, None
     if any(GQA_METHODS[m].needs_calibration for m in methods):  # collected once, shared by the methods
-        from .calibration import collect_attention_inputs, require_calibration_files
+        from .calibration import collect_calibration, require_calibration_files
         from .data import default_train_files, load_token_ids
 
         files = require_calibration_files(args.calibration_data or default_train_files(), "demo")
         ids = load_token_ids(load_tokenizer(src), files, args.calibration_tokens)
-        calibration = collect_attention_inputs(load_causal_lm(src), ids, window=args.calibration_window)
+        key_weights = any(GQA_METHODS[m].uses_key_weights for m in methods)
+        calibration = collect_calibration(
+            load_causal_lm(src), ids, args.calibration_window, key_weights=key_weights
+        )
         calibration_info = {
             "tokens": int(ids.numel()),
             "window": args.calibration_window,

@@ -18,7 +18,7 @@ from test_checkpoint_cli import STOCK_LOADER
 
 from hf_attn_swap import convert_to_gqa
 from hf_attn_swap.architectures import get_adapter
-from hf_attn_swap.calibration import collect_attention_inputs
+from hf_attn_swap.calibration import collect_attention_inputs, collect_calibration
 from hf_attn_swap.checkpoint import convert_checkpoint, load_causal_lm, load_tokenizer
 from hf_attn_swap.cli import build_parser, main
 from hf_attn_swap.data import load_token_ids
@@ -211,6 +211,21 @@ def test_every_method_is_exact_for_identical_heads(method, family):
     torch.testing.assert_close(_logits(model, ids), before, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["align", "fit", "group-fit"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "opt", "falcon-40b-style", "bert"])
+def test_methods_work_through_plugin_adapters(name, method):
+    """The methods only use the adapter API (read/write, layout, RoPE pairs), so families without native GQA
+    (learned positions, partial rotary, encoders) convert tied heads exactly too."""
+    from test_plugin_architectures import ids, make, outputs
+
+    original = make(name)
+    make_groups_identical(original, 2)
+    converted = copy.deepcopy(original)
+    convert_to_gqa(converted, 2, method=method, calibration=_calibration(original))
+    x = ids()
+    torch.testing.assert_close(outputs(converted, x), outputs(original, x), atol=1e-5, rtol=1e-5)
+
+
 def _relate_heads(model, scale: bool, noise: float = 0.0, seed: int = 0):
     """Make every head's K and V an exact symmetry image of head 0's (+ optional noise): per rotary pair a
     rotation (times a scale), on non-rotary dims and on V an orthogonal map (times a scale). q and o stay
@@ -298,6 +313,43 @@ def test_fit_is_invariant_to_alignment():
     torch.testing.assert_close(_logits(aligned_first, ids), _logits(direct, ids), atol=1e-4, rtol=1e-4)
 
 
+def test_key_weights_are_the_attention_each_token_receives():
+    """collect_calibration(key_weights=True) == column sums of the model's own attention probabilities (mean
+    over heads), rows aligned with the inputs; the sdpa implementation is restored afterwards."""
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    ids = _ids(1, 40)[0]
+    calibration = collect_calibration(model, ids, window=16, key_weights=True)
+    assert model.config._attn_implementation == "sdpa"
+    assert [x.shape for x in calibration.inputs] == [(40, 64)] * 2
+    torch.testing.assert_close(calibration.inputs[1], collect_attention_inputs(model, ids, window=16)[1])
+    eager = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    for start, stop in ((0, 16), (16, 32), (32, 40)):
+        with torch.no_grad():
+            probs = eager(ids[None, start:stop], output_attentions=True).attentions
+        for layer, p in enumerate(probs):
+            expected = p[0].sum(-2).mean(0)
+            torch.testing.assert_close(calibration.key_weights[layer][start:stop], expected)
+            assert calibration.key_weights[layer][start:stop].mean().item() == pytest.approx(1.0)
+
+
+def test_fit_weights_keys_by_the_attention_they_receive():
+    """With key weights the fit changes (they are used), stays exact for identical heads, and records it."""
+    model = tiny_model("qwen2", num_attention_heads=4, num_key_value_heads=4)
+    calibration = collect_calibration(model, _ids(1, 192)[0], window=64, key_weights=True)
+    uniform, weighted = copy.deepcopy(model), copy.deepcopy(model)
+    convert_to_gqa(uniform, 1, method="fit", calibration=calibration.inputs)
+    report = convert_to_gqa(weighted, 1, method="fit", calibration=calibration)
+    assert report.details["key_weights"] == "attention received"
+    adapter = get_adapter(model)
+    k_uniform, k_weighted = (adapter.read(m.model.layers[0].self_attn).k for m in (uniform, weighted))
+    assert (k_uniform - k_weighted).abs().max() > 1e-3
+    make_groups_identical(model, 1)
+    ids, before = _ids(), _logits(model, _ids())
+    calibration = collect_calibration(model, _ids(1, 192)[0], window=64, key_weights=True)
+    convert_to_gqa(model, 1, method="group-fit", calibration=calibration)
+    torch.testing.assert_close(_logits(model, ids), before, atol=1e-5, rtol=1e-5)
+
+
 # -- checkpoints, CLI, errors --------------------------------------------------------------------------------
 def test_every_method_reloads_in_stock_transformers(saved_tiny, text_file, tmp_path):
     """convert_checkpoint with calibration text -> a fresh process with the plugin blocked reloads every output
@@ -320,6 +372,8 @@ def test_every_method_reloads_in_stock_transformers(saved_tiny, text_file, tmp_p
                 report.details["calibration_tokens"]
                 == load_token_ids(load_tokenizer(src), [text_file]).numel()
             )
+            uses_key_weights = method in ("fit", "group-fit")
+            assert report.details["key_weights"] == ("attention received" if uses_key_weights else None)
         with torch.no_grad():
             expected[str(out)] = load_causal_lm(out, attn_implementation="eager")(ids).logits
         outs.append(str(out))
@@ -367,3 +421,32 @@ def test_demo_takes_several_methods_and_rejects_unknown_ones(capsys):
     assert main(["demo", "--method", "median"]) == 2
     assert "unknown GQA method(s) ['median']" in capsys.readouterr().err
     assert set(CALIBRATED) | {"mean"} == set(GQA_METHODS)
+
+
+# -- the packaged real model ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_mqa_fit_cuts_the_perplexity_excess_of_mean_pooling_tenfold():
+    """SmolLM2-135M 3 -> 1 KV heads, calibrated on library/ text, scored on held-out tutorial/ text."""
+    from hf_attn_swap.calibration import collect_attention_inputs_from_files
+    from hf_attn_swap.data import PYTHON_DOCS, default_eval_files, default_train_files
+    from hf_attn_swap.evaluation import evaluate_models
+    from hf_attn_swap.examples import example_model_path
+
+    if not PYTHON_DOCS.is_dir():
+        pytest.skip("apt-get install python3.11-doc")
+    src = example_model_path("smollm2")
+    original, tokenizer = load_causal_lm(src, dtype="float32"), load_tokenizer(src)
+    calibration = collect_attention_inputs_from_files(
+        original, tokenizer, default_train_files(), max_tokens=4096
+    )
+    models = {}
+    for method in ("mean", "fit"):
+        models[method] = copy.deepcopy(original)
+        convert_to_gqa(models[method], 1, method=method, calibration=calibration)
+    ids = load_token_ids(tokenizer, default_eval_files(), max_tokens=2048)
+    scores = evaluate_models(
+        {"original": original, **models}, ids, window=1024, reference=original, progress=False
+    )
+    excess = {m: scores[m]["perplexity"] - scores["original"]["perplexity"] for m in models}
+    assert excess["fit"] * 10 < excess["mean"], scores
+    assert scores["fit"]["kl_to_reference"] < scores["mean"]["kl_to_reference"] / 2, scores

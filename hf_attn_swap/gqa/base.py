@@ -15,6 +15,7 @@ class LayerContext:
 
     inputs: [N, hidden] calibration hidden states entering this layer's attention (after its input norm),
             or None for data-free methods.
+    key_weights: [N] attention each calibration row receives as a key (``Calibration.key_weights``), or None.
     q_norm_weight / k_norm_weight: [d] weights of a per-head RMSNorm applied to q / k before RoPE (Qwen3's
             ``q_norm``/``k_norm``), or None. Transforms of q/k must commute with them to be exact.
     cache: per-layer scratch shared by the steps of one method (e.g. the input moment matrix).
@@ -24,6 +25,7 @@ class LayerContext:
     layout: AttentionLayout
     num_key_value_heads: int
     inputs: torch.Tensor | None = None
+    key_weights: torch.Tensor | None = None
     q_norm_weight: torch.Tensor | None = None
     k_norm_weight: torch.Tensor | None = None
     cache: dict = field(default_factory=dict)
@@ -43,6 +45,8 @@ class GQAMethod:
 
     name: str = ""
     needs_calibration: bool = False
+    #: also uses ``LayerContext.key_weights`` (collect with ``collect_calibration(..., key_weights=True)``)
+    uses_key_weights: bool = False
 
     def convert_layer(self, weights: AttentionWeights, ctx: LayerContext) -> AttentionWeights:
         raise NotImplementedError

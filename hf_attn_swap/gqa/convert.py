@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..architectures import AttentionLayout, get_adapter
+from ..calibration import Calibration
 from ..report import ConversionReport
 from .alignment import AlignedMean
 from .base import GQAMethod, LayerContext
@@ -66,6 +67,7 @@ def layer_context(
     layout: AttentionLayout,
     num_key_value_heads: int,
     inputs: torch.Tensor | None = None,
+    key_weights: torch.Tensor | None = None,
 ) -> LayerContext:
     """What a method sees of one attention module: target head count, calibration inputs, q/k norm weights."""
 
@@ -78,6 +80,7 @@ def layer_context(
         layout=layout,
         num_key_value_heads=num_key_value_heads,
         inputs=None if inputs is None else inputs.float(),
+        key_weights=None if key_weights is None else key_weights.float(),
         q_norm_weight=norm_weight("q_norm"),
         k_norm_weight=norm_weight("k_norm"),
     )
@@ -87,14 +90,15 @@ def convert_to_gqa(
     model: nn.Module,
     num_key_value_heads: int,
     method: str | GQAMethod = "mean",
-    calibration: list[torch.Tensor] | None = None,
+    calibration: Calibration | list[torch.Tensor] | None = None,
 ) -> ConversionReport:
     """Rewrite ``model`` in place so every attention layer has ``num_key_value_heads`` K/V heads.
 
     Weights, biases, module attributes and ``model.config.num_key_value_heads`` are updated; for families
     with native GQA the result saves and loads with stock transformers. Arithmetic is done in float32 and
-    cast back to the model's dtype. ``calibration``: per-layer attention inputs [N, hidden], for methods with
-    ``needs_calibration`` (see ``hf_attn_swap.calibration``).
+    cast back to the model's dtype. ``calibration``: ``hf_attn_swap.calibration.Calibration`` (or just its
+    per-layer attention inputs [N, hidden]) for methods with ``needs_calibration``; methods with
+    ``uses_key_weights`` also use its ``key_weights`` when present.
 
     Raises ``ValueError`` (before touching the model) for a head count that is not in
     ``{n <= H_kv : H % n == 0}``, and ``UnsupportedArchitectureError`` for unknown families.
@@ -129,19 +133,32 @@ def convert_to_gqa(
         raise ValueError(
             f"found {len(attention)} {layout.family} attention modules but config says {layout.num_layers} layers"
         )
-    if method.needs_calibration and (calibration is None or len(calibration) != len(attention)):
+    if not isinstance(calibration, Calibration):
+        calibration = None if calibration is None else Calibration(list(calibration))
+    if method.needs_calibration and (calibration is None or len(calibration.inputs) != len(attention)):
         raise ValueError(
             f"method {method.name!r} needs calibration activations for each of the {len(attention)} layers: "
-            "pass calibration=hf_attn_swap.calibration.collect_attention_inputs(model, token_ids) (CLI: --calibration-data FILE...)"
+            "pass calibration=hf_attn_swap.calibration.collect_calibration(model, token_ids) "
+            "(CLI: --calibration-data FILE...)"
         )
+    key_weights = None if calibration is None else calibration.key_weights
     if method.needs_calibration:
-        report.details["calibration_tokens"] = int(calibration[0].shape[0])
+        report.details["calibration_tokens"] = int(calibration.inputs[0].shape[0])
+        report.details["key_weights"] = (
+            "attention received" if key_weights and method.uses_key_weights else None
+        )
     # Compute every layer first, then write: a failing method leaves the model untouched.
     new_weights = []
     with torch.no_grad():
         for idx, attn in enumerate(attention):
-            inputs = None if calibration is None else calibration[idx]
-            ctx = layer_context(attn, idx, layout, num_key_value_heads, inputs)
+            ctx = layer_context(
+                attn,
+                idx,
+                layout,
+                num_key_value_heads,
+                None if calibration is None else calibration.inputs[idx],
+                None if key_weights is None else key_weights[idx],
+            )
             new_weights.append(method.convert_layer(adapter.read(attn).to(torch.float32), ctx).to(dtype))
             if "head_order" in ctx.cache:
                 report.details.setdefault("head_order", []).append(ctx.cache["head_order"])

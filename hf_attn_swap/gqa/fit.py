@@ -19,8 +19,15 @@ and scale that commutes with RoPE): the converted model stays a stock model. Non
 are one real r-dim problem. With per-head q/k norms (Qwen3), q cannot be rescaled per pair and k is
 renormalised anyway, so K falls back to the alignment (``align``) and mean; V is fitted as usual.
 
-Norm restoration: the fitted basis is chosen closest (polar factor) to the group's mean head and scaled so its
-activations carry the group's mean energy; the partners absorb the change exactly.
+Which tokens count: queries (the partner Grams of K) are weighted uniformly; keys and values by the attention
+they receive in the original model when ``Calibration.key_weights`` is given (``statistics.key_moment``), so
+errors on the keys that attention actually lands on (e.g. attention sinks) cost more (measured in the README);
+uniform weighting is used without them.
+
+Norm restoration: of all bases of the fitted space, the shared head is the group's mean head projected onto it
+(its polar factor if that projection is degenerate), rescaled so its activations carry the heads' mean energy
+(averaging misaligned heads shrinks it); the partners absorb the choice exactly. Identical heads come back as
+they were, with identity partner maps.
 """
 
 from __future__ import annotations
@@ -33,7 +40,16 @@ from ..architectures import AttentionWeights
 from .alignment import align_heads, polar
 from .base import GQAMethod, LayerContext, expand_to_query_heads, grouped
 from .mean import mean_pool
-from .statistics import from_complex, gram, input_moment, rotary_pairs, split_bias, to_complex, with_bias
+from .statistics import (
+    from_complex,
+    gram,
+    input_moment,
+    key_moment,
+    rotary_pairs,
+    split_bias,
+    to_complex,
+    with_bias,
+)
 
 
 def psd_sqrt(m: torch.Tensor) -> torch.Tensor:
@@ -58,11 +74,17 @@ def fit_shared_projection(
     sig2 = evals[..., -r:]
     floor = (1e-12 * evals[..., -1:]).clamp_min(torch.finfo(torch.float64).tiny)
     shared = (basis @ evecs[..., -r:] / sig2.clamp_min(floor).sqrt().to(basis.dtype).unsqueeze(-2)).mT
-    # norm restoration: orient like the mean head, carry the group's mean energy
-    orientation = polar(gram(shared, moment, rows.mean(-3)))
+    # the mean head projected onto the fitted space (its rotation only, if that projection is degenerate) ...
+    projection = gram(shared, moment, rows.mean(-3))  # A^H A_mean: shared is orthonormal in sample space
+    singular = torch.linalg.svdvals(projection)
+    degenerate = (singular[..., -1] <= 1e-3 * singular[..., 0]).unsqueeze(-1).unsqueeze(-1)
+    shared = torch.where(degenerate, polar(projection), projection).transpose(-1, -2) @ shared
+    # ... with the energy of the group's heads restored (averaging misaligned heads shrinks it)
     energy = gram(rows, moment).diagonal(dim1=-2, dim2=-1).real.sum(-1).mean(-1)  # [...]
-    scale = (energy / r).sqrt().to(rows.dtype)[..., None, None]
-    shared = scale * orientation.transpose(-1, -2) @ shared
+    now = gram(shared, moment).diagonal(dim1=-2, dim2=-1).real.sum(-1)
+    shared = (
+        shared * (energy / now.clamp_min(torch.finfo(now.dtype).tiny)).sqrt().to(rows.dtype)[..., None, None]
+    )
     maps = gram(rows, moment, shared.unsqueeze(-3)) @ torch.linalg.pinv(gram(shared, moment)).unsqueeze(-3)
     return shared, maps
 
@@ -76,19 +98,24 @@ def fit_heads(weights: AttentionWeights, ctx: LayerContext) -> AttentionWeights:
     h, d = weights.num_attention_heads, weights.q.shape[1]
     if weights.num_key_value_heads != h:
         raise ValueError("fit_heads needs one K/V head per query head: call expand_to_query_heads first")
-    n_groups, dtype, moment = ctx.num_key_value_heads, weights.q.dtype, input_moment(ctx)
+    n_groups, dtype, moment, kv_moment = (
+        ctx.num_key_value_heads,
+        weights.q.dtype,
+        input_moment(ctx),
+        key_moment(ctx),
+    )
     s = h // n_groups
     if ctx.has_qk_norm:  # q can only rotate, k is renormalised: align (where exact), then mean-pool K
         aligned = align_heads(weights, ctx)
         q, q_bias = aligned.q, aligned.q_bias
         k, k_bias = mean_pool(aligned.k, h, n_groups), mean_pool(aligned.k_bias, h, n_groups)
     else:
-        q, q_bias, k, k_bias = _fit_keys(weights, ctx, moment)
+        q, q_bias, k, k_bias = _fit_keys(weights, ctx, moment, kv_moment)
 
     v_rows = grouped(with_bias(weights.v, weights.v_bias), n_groups)  # [G, s, d, D]
     o = weights.o.to(torch.float64).reshape(weights.o.shape[0], n_groups, s, d)
     o_grams = torch.einsum("hgsd,hgse->gsde", o, o)  # O_j^T O_j
-    v_shared, v_maps = fit_shared_projection(v_rows, o_grams, moment)
+    v_shared, v_maps = fit_shared_projection(v_rows, o_grams, kv_moment)
     o = torch.einsum("hgsd,gsde->hgse", o, v_maps)
     v, v_bias = split_bias(v_shared, weights.v_bias is not None, dtype)
     return replace(
@@ -103,7 +130,7 @@ def fit_heads(weights: AttentionWeights, ctx: LayerContext) -> AttentionWeights:
     )
 
 
-def _fit_keys(weights: AttentionWeights, ctx: LayerContext, moment: torch.Tensor):
+def _fit_keys(weights: AttentionWeights, ctx: LayerContext, moment: torch.Tensor, keys_moment: torch.Tensor):
     """Query-weighted fit of the shared keys: (q, q_bias, k [G, d, hidden], k_bias)."""
     h, d = weights.num_attention_heads, weights.q.shape[1]
     n_groups, dtype = ctx.num_key_value_heads, weights.q.dtype
@@ -114,12 +141,12 @@ def _fit_keys(weights: AttentionWeights, ctx: LayerContext, moment: torch.Tensor
     if len(pairs):
         qc, kc = to_complex(q, pairs).transpose(1, 2), to_complex(k, pairs).transpose(1, 2)  # [G, P, s, D]
         energy = gram(qc.unsqueeze(-2), moment).real  # [G, P, s, 1, 1]
-        shared, maps = fit_shared_projection(kc.unsqueeze(-2), energy, moment)  # [G,P,1,D], [G,P,s,1,1]
+        shared, maps = fit_shared_projection(kc.unsqueeze(-2), energy, keys_moment)  # [G,P,1,D], [G,P,s,1,1]
         k_new = from_complex(k_new, pairs, shared.squeeze(-2))
         q = from_complex(q, pairs, (qc * maps[..., 0]).transpose(1, 2))
     if len(plain):
         q_plain = q[:, :, plain]
-        shared, maps = fit_shared_projection(k[:, :, plain], gram(q_plain, moment), moment)
+        shared, maps = fit_shared_projection(k[:, :, plain], gram(q_plain, moment), keys_moment)
         k_new[:, plain] = shared
         q[:, :, plain] = maps.transpose(-1, -2) @ q_plain
     q_w, q_b = split_bias(q.reshape(h, d, -1), weights.q_bias is not None, dtype)
@@ -132,6 +159,7 @@ class ActivationFit(GQAMethod):
 
     name = "fit"
     needs_calibration = True
+    uses_key_weights = True
 
     def convert_layer(self, weights: AttentionWeights, ctx: LayerContext) -> AttentionWeights:
         return fit_heads(expand_to_query_heads(weights), ctx)

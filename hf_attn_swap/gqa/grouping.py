@@ -94,6 +94,7 @@ class SimilarityGrouping(GQAMethod):
 
     def __init__(self, name: str, merge: GQAMethod, aligned: bool):
         self.name, self.merge, self.aligned = name, merge, aligned
+        self.uses_key_weights = merge.uses_key_weights
 
     def head_order(self, weights: AttentionWeights, ctx: LayerContext) -> list[int]:
         """The permutation of the query heads (expanded weights) that makes the similarity groups contiguous."""
@@ -102,6 +103,8 @@ class SimilarityGrouping(GQAMethod):
 
     def convert_layer(self, weights: AttentionWeights, ctx: LayerContext) -> AttentionWeights:
         expanded = expand_to_query_heads(weights)
+        if ctx.num_key_value_heads == 1:  # MQA: one group, nothing to choose
+            return self.merge.convert_layer(expanded, ctx)
         order = self.head_order(expanded, ctx)
         ctx.cache["head_order"] = order
         return self.merge.convert_layer(permute_query_heads(expanded, order), ctx)

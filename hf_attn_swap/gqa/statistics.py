@@ -20,14 +20,30 @@ from .base import LayerContext
 def input_moment(ctx: LayerContext) -> torch.Tensor:
     """[hidden+1, hidden+1] float64 ``E[x~ x~^T]`` of the layer's calibration inputs (cached on ``ctx``)."""
     if "moment" not in ctx.cache:
-        if ctx.inputs is None:
-            raise ValueError(
-                f"layer {ctx.layer_idx}: this method needs calibration activations (CLI: --calibration-data FILE...)"
-            )
-        x = ctx.inputs.to(torch.float64)
-        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+        x = _augmented_inputs(ctx)
         ctx.cache["moment"] = x.T @ x / x.shape[0]
     return ctx.cache["moment"]
+
+
+def key_moment(ctx: LayerContext) -> torch.Tensor:
+    """``E[b x~ x~^T] / E[b]`` with each row weighted by the attention b it receives as a key
+    (``ctx.key_weights``): keys that are attended to count in proportion. ``input_moment`` without weights."""
+    if ctx.key_weights is None:
+        return input_moment(ctx)
+    if "key_moment" not in ctx.cache:
+        x, b = _augmented_inputs(ctx), ctx.key_weights.to(torch.float64)
+        ctx.cache["key_moment"] = (x * (b / b.mean()).unsqueeze(1)).T @ x / x.shape[0]
+    return ctx.cache["key_moment"]
+
+
+def _augmented_inputs(ctx: LayerContext) -> torch.Tensor:
+    """[N, hidden+1] float64: the calibration inputs with a column of ones."""
+    if ctx.inputs is None:
+        raise ValueError(
+            f"layer {ctx.layer_idx}: this method needs calibration activations (CLI: --calibration-data FILE...)"
+        )
+    x = ctx.inputs.to(torch.float64)
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
 
 
 def with_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
