@@ -427,7 +427,7 @@ def test_demo_takes_several_methods_and_rejects_unknown_ones(capsys):
 @pytest.mark.slow
 def test_smollm2_mqa_fit_cuts_the_perplexity_excess_of_mean_pooling_tenfold():
     """SmolLM2-135M 3 -> 1 KV heads, calibrated on library/ text, scored on held-out tutorial/ text."""
-    from hf_attn_swap.calibration import collect_attention_inputs_from_files
+    from hf_attn_swap.calibration import collect_calibration_from_files
     from hf_attn_swap.data import PYTHON_DOCS, default_eval_files, default_train_files
     from hf_attn_swap.evaluation import evaluate_models
     from hf_attn_swap.examples import example_model_path
@@ -436,8 +436,8 @@ def test_smollm2_mqa_fit_cuts_the_perplexity_excess_of_mean_pooling_tenfold():
         pytest.skip("apt-get install python3.11-doc")
     src = example_model_path("smollm2")
     original, tokenizer = load_causal_lm(src, dtype="float32"), load_tokenizer(src)
-    calibration = collect_attention_inputs_from_files(
-        original, tokenizer, default_train_files(), max_tokens=4096
+    calibration = collect_calibration_from_files(
+        original, tokenizer, default_train_files(), max_tokens=4096, key_weights=True
     )
     models = {}
     for method in ("mean", "fit"):
