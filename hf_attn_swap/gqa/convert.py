@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -59,6 +61,13 @@ def kv_bytes_per_token(layout: AttentionLayout, num_key_value_heads: int, dtype:
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+WEIGHT_NAMES = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias")
+
+
+def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.cpu()
 
 
 def layer_context(
@@ -159,7 +168,10 @@ def convert_to_gqa(
                 None if calibration is None else calibration.inputs[idx],
                 None if key_weights is None else key_weights[idx],
             )
-            new_weights.append(method.convert_layer(adapter.read(attn).to(torch.float32), ctx).to(dtype))
+            weights = adapter.read(attn).to(torch.float32)
+            if method.needs_calibration:  # calibration statistics live on the CPU; write() moves weights back
+                weights = replace(weights, **{n: _cpu(getattr(weights, n)) for n in WEIGHT_NAMES})
+            new_weights.append(method.convert_layer(weights, ctx).to(dtype))
             if "head_order" in ctx.cache:
                 report.details.setdefault("head_order", []).append(ctx.cache["head_order"])
         for attn, weights in zip(attention, new_weights, strict=True):
