@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from hf_attn_swap import convert_to_gqa, get_adapter
-from hf_attn_swap.calibration import collect_attention_inputs_from_files
+from hf_attn_swap.calibration import collect_calibration_from_files
 from hf_attn_swap.cli import machine_info, markdown_table, write_json
 from hf_attn_swap.data import default_eval_files, default_train_files
 from hf_attn_swap.embeddings import embedding_agreement, mean_pooled_embeddings, prose_paragraphs
@@ -61,12 +61,13 @@ def main(argv=None) -> int:
 
     calibration = None
     if any(GQA_METHODS[m].needs_calibration for m in args.method):
-        calibration = collect_attention_inputs_from_files(
+        calibration = collect_calibration_from_files(
             original,
             tokenizer,
             args.calibration_data or default_train_files(),
             max_tokens=args.calibration_tokens,
             window=256,
+            key_weights=any(GQA_METHODS[m].uses_key_weights for m in args.method),
         )
 
     rows = []
