@@ -4,15 +4,19 @@
 """
 
 from .architectures import UnsupportedArchitectureError, get_adapter, supported_model_types
+from .cache import LatentCache
 from .gqa import convert_to_gqa
+from .mla import convert_to_mla
 from .report import ConversionReport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConversionReport",
+    "LatentCache",
     "UnsupportedArchitectureError",
     "convert_to_gqa",
+    "convert_to_mla",
     "get_adapter",
     "supported_model_types",
 ]
