@@ -4,10 +4,13 @@
 """
 
 from .architectures import UnsupportedArchitectureError, get_adapter, supported_model_types
+from .attention import register_latent_sdpa
 from .cache import LatentCache
 from .gqa import convert_to_gqa
 from .mla import convert_to_mla
 from .report import ConversionReport
+
+register_latent_sdpa()
 
 __version__ = "0.1.0"
 
