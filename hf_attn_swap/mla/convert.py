@@ -16,6 +16,7 @@ The model becomes an :class:`~hf_attn_swap.mla.modeling.MLAForCausalLM` (plugin 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +141,18 @@ def validate_mla_options(
 def needs_calibration(factorization: str) -> bool:
     """``pca`` needs activations (the ``norm`` selection and the rope-key mixing use them when given)."""
     return factorization == "pca"
+
+
+@contextmanager
+def _lapack_threads(count: int):
+    """Run the (small, float64) decompositions on ``count`` threads: multi-threaded LAPACK on a busy machine
+    can take 100x longer on these 400 x 600 matrices than one thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _with_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -341,7 +354,7 @@ def convert_to_mla(
     )
 
     plans = []
-    with torch.no_grad():
+    with torch.no_grad(), _lapack_threads(1):
         for idx, attn in enumerate(attention):
             score_fold = float(attn.scaling) / new_scale
             inputs = None if calibration is None else calibration[idx]
