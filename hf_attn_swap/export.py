@@ -125,35 +125,22 @@ def dominant_channel(weight: torch.Tensor, gamma: torch.Tensor, eps: float, dtyp
 def deepseek_v3_config(config, rope_parameters: dict, q_lora: bool, dtype: torch.dtype):
     from transformers import DeepseekV3Config
 
-    layers = config.num_hidden_layers
+    from .mla.convert import DECODER_FIELDS
+
     return DeepseekV3Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
+        **{name: getattr(config, name) for name in DECODER_FIELDS},
         moe_intermediate_size=config.intermediate_size,  # unused: every layer is dense
-        num_hidden_layers=layers,
-        num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads,
         kv_lora_rank=config.layer_kv_lora_rank(0) + 1,
         q_lora_rank=config.hidden_size + 1 if q_lora else None,
         qk_rope_head_dim=config.qk_rope_head_dim,
         qk_nope_head_dim=config.qk_nope_head_dim,
         v_head_dim=config.v_head_dim,
-        first_k_dense_replace=layers,
+        first_k_dense_replace=config.num_hidden_layers,
         num_nextn_predict_layers=0,
-        hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings,
-        initializer_range=config.initializer_range,
-        rms_norm_eps=config.rms_norm_eps,
-        use_cache=config.use_cache,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        tie_word_embeddings=config.tie_word_embeddings,
         rope_parameters=rope_parameters,
         rope_interleave=False,
         attention_bias=True,
-        attention_dropout=config.attention_dropout,
         dtype=dtype,
     )
 

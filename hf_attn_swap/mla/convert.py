@@ -31,6 +31,10 @@ from .factorize import FACTORIZATIONS, JointKV, joint_kv
 from .modeling import MLAAttention, MLAConfig, MLADecoderLayer, MLAForCausalLM, MLAModel
 from .rope import ROPE_SELECTIONS, pair_dims, rope_key_mixing, select_rope_pairs, validate_rope_dim
 
+#: config fields of the Llama-style decoder that every format carries over unchanged
+DECODER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache",
+                  "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_dropout")  # fmt: skip
 #: source families with Llama's decoder (RMSNorm, gated MLP, rotate-half RoPE, separate q/k/v/o)
 MLA_FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -246,10 +250,7 @@ def mla_config(source_config, ranks, qk_rope_head_dim, num_rope_key_heads, rope_
 
     rope_pairs: per-layer kept pairs, or None for DeepSeek's uniform ladder. biases: (q, rope key, o).
     """
-    shared = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache",
-              "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_parameters",
-              "attention_dropout", "mlp_bias", "head_dim")  # fmt: skip
+    shared = (*DECODER_FIELDS, "rope_parameters", "mlp_bias", "head_dim")
     fields = {name: getattr(source_config, name) for name in shared if hasattr(source_config, name)}
     fields["head_dim"] = (
         fields.get("head_dim") or source_config.hidden_size // source_config.num_attention_heads
