@@ -101,9 +101,13 @@ def absorbed_attention(
         # decode: heads of a rope group become rows of one MQA query against the shared [c ; k_rope]
         q_latent = q_latent.reshape(batch, rope_heads, group * length, rank)
         q_rope = q_rope.reshape(batch, rope_heads, group * length, -1)
-        scores = torch.matmul(q_latent, latent.transpose(-1, -2)) + torch.matmul(
-            q_rope, rope_key.transpose(-1, -2)
-        )
+        joint = _joint_view(latent, rope_key)
+        if joint is not None:  # LatentCache keeps [c ; k_rope] side by side: one key of dim r + d_rope
+            scores = torch.matmul(torch.cat([q_latent, q_rope], dim=-1), joint.transpose(-1, -2))
+        else:
+            scores = torch.matmul(q_latent, latent.transpose(-1, -2)) + torch.matmul(
+                q_rope, rope_key.transpose(-1, -2)
+            )
         scores = scores.float() * scaling
         if attention_mask is not None:
             mask = (
@@ -116,7 +120,11 @@ def absorbed_attention(
             else:
                 scores = scores + mask
         probs = F.dropout(scores.softmax(dim=-1), p=dropout, training=module.training).to(latent.dtype)
-        out_latent = torch.matmul(probs, latent).reshape(batch, heads, length, rank)
+        if joint is not None:  # multiply the contiguous rows and drop the rope columns
+            out_latent = torch.matmul(probs, joint)[..., :rank]
+        else:
+            out_latent = torch.matmul(probs, latent)
+        out_latent = out_latent.reshape(batch, heads, length, rank)
     else:
         # prefill: one SDPA call over latent keys [c ; k_rope] (key dim r + d_rope) and latent values c
         keys = torch.cat([latent.expand(-1, rope_heads, -1, -1), rope_key], dim=-1)
@@ -129,6 +137,18 @@ def absorbed_attention(
         )
     out = torch.matmul(out_latent, w_uv.transpose(1, 2))  # [B, H, T, d_v]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _joint_view(latent: torch.Tensor, rope_key: torch.Tensor) -> torch.Tensor | None:
+    """[B, 1, S, r + d_rope] over the same memory when c and a single rope key sit side by side (LatentCache)."""
+    if rope_key.shape[1] != 1 or latent.stride(-1) != 1 or rope_key.stride(-1) != 1:
+        return None
+    same_rows = latent.stride(0) == rope_key.stride(0) and latent.stride(2) == rope_key.stride(2)
+    if not same_rows or latent.stride(2) < latent.shape[-1] + rope_key.shape[-1]:
+        return None
+    if rope_key.data_ptr() != latent.data_ptr() + latent.shape[-1] * latent.element_size():
+        return None
+    return latent.as_strided((*latent.shape[:3], latent.shape[-1] + rope_key.shape[-1]), latent.stride())
 
 
 def register_latent_sdpa() -> None:

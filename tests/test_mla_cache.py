@@ -135,3 +135,16 @@ def test_crop_then_refeed_reproduces_logits():
         assert cache.get_seq_length() == 6
         again = model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits
     assert torch.allclose(again, full[:, 6:], atol=1e-5)
+
+
+def test_latent_and_rope_key_form_one_joint_key_row_per_token():
+    """latent_sdpa decodes against [c ; k_rope] as one key of dim r + d_rope without copying the cache."""
+    from hf_attn_swap.attention import _joint_view
+
+    layer = LatentLayer()
+    latent, rope = torch.randn(2, 1, 7, 6), torch.randn(2, 1, 7, 4)
+    keys, values = layer.update(latent, rope)
+    joint = _joint_view(keys, values)
+    assert joint is not None and joint.data_ptr() == layer.buffer.data_ptr()
+    assert torch.equal(joint, torch.cat([latent, rope], dim=-1))
+    assert _joint_view(latent, rope) is None  # separate tensors (DynamicCache): two products instead
