@@ -7,6 +7,7 @@ command; ``scripts/bench_decode.py`` compares several) so peak RSS belongs to th
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -70,4 +71,5 @@ def decode_benchmark(model: nn.Module, prompt: torch.Tensor, new_tokens: int, ca
         "attn_implementation": model.config._attn_implementation,
         "model_type": model.config.model_type,
         "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other processes sharing the CPU
     }
