@@ -44,10 +44,10 @@ def parse_args():
     p.add_argument("--rope-dim", type=int, default=16)
     p.add_argument("--selections", nargs="+", default=["uniform", "high", "low", "norm"])
     p.add_argument("--factorizations", nargs="+", default=["svd", "pca"])
-    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--calibration-tokens", type=int, default=8192)
-    p.add_argument("--group", type=int, default=4, help="models scored per reference pass")
+    p.add_argument("--group", type=int, default=6, help="models scored per reference pass")
     p.add_argument("--no-extras", action="store_true", help="skip the data-free, ablation and export rows")
     p.add_argument("--json", default="runs/mla/quality.json")
     return p.parse_args()
@@ -117,7 +117,9 @@ def main() -> int:
             options = dict(options)
             export = options.pop("export", False)
             model = copy.deepcopy(original)
+            started = time.time()
             report = convert_to_mla(model, **options)
+            print(f"converted {label} | {name} in {time.time() - started:.0f} s", flush=True)
             if export:
                 model, _ = to_deepseek_v3(model)
             key = f"{label} | {name}"
