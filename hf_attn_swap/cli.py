@@ -291,9 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-lora-rank", type=int, help="mla: latent values cached per token and layer (R)")
     p.add_argument("--rope-dim", type=int, help="mla: rotary dims kept in the shared rope key (D, even)")
     p.add_argument(
-        "--rope-selection", default="uniform", help="mla: uniform | high | low | norm (default %(default)s)"
+        "--rope-selection", default="high", help="mla: uniform | high | low | norm (default %(default)s)"
     )
-    p.add_argument("--factorization", default="svd", help="mla: svd | pca (default %(default)s)")
+    p.add_argument("--factorization", default="pca", help="mla: svd | pca (default %(default)s)")
     p.add_argument(
         "--num-rope-key-heads", type=int, default=1, help="mla: rope keys per layer (plugin format)"
     )

@@ -69,7 +69,8 @@ def main() -> int:
         mla = Path(args.workdir) / f"SmolLM2-135M-mla-r{args.kv_lora_rank}-d{args.rope_dim}-deepseek_v3"
         if not mla.exists():
             print(convert_checkpoint(original, mla, to="mla", mla={"kv_lora_rank": args.kv_lora_rank,
-                                                                    "qk_rope_head_dim": args.rope_dim}))  # fmt: skip
+                                                                    "qk_rope_head_dim": args.rope_dim,
+                                                                    "factorization": "svd"}))  # fmt: skip
     paths = {"original": original, "mla": str(mla)}
     rows = []
     for context in args.contexts:

@@ -83,7 +83,12 @@ def main() -> int:
                     label,
                     "uniform + svd, data-free",
                     "no",
-                    dict(kv_lora_rank=rank, qk_rope_head_dim=args.rope_dim),
+                    dict(
+                        kv_lora_rank=rank,
+                        qk_rope_head_dim=args.rope_dim,
+                        rope_selection="uniform",
+                        factorization="svd",
+                    ),
                 )
             )
             jobs.append(
@@ -93,7 +98,7 @@ def main() -> int:
             )  # fmt: skip
             jobs.append(
                 (label, "uniform + pca, stock deepseek_v3 export", "yes",
-                 dict(kv_lora_rank=rank - 1, qk_rope_head_dim=args.rope_dim, factorization="pca",
+                 dict(kv_lora_rank=rank - 1, qk_rope_head_dim=args.rope_dim, rope_selection="uniform", factorization="pca",
                       calibration=calibration, export=True))
             )  # fmt: skip
     if not args.no_extras:
@@ -101,7 +106,8 @@ def main() -> int:
         kv = original.config.num_key_value_heads
         jobs.append(
             ("ablation", f"partial RoPE only: shared {args.rope_dim}-dim rope key, full rank", "yes",
-             dict(kv_lora_rank=2 * kv * 64, qk_rope_head_dim=args.rope_dim, factorization="pca", calibration=calibration))
+             dict(kv_lora_rank=2 * kv * 64, qk_rope_head_dim=args.rope_dim, rope_selection="uniform", factorization="pca",
+                  calibration=calibration))
         )  # fmt: skip
         for rank in (176, 104, 32):
             jobs.append(

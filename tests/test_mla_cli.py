@@ -11,6 +11,8 @@ from hf_attn_swap.cli import main
 from hf_attn_swap.mla import MLAForCausalLM
 from hf_attn_swap.testing import tiny_model
 
+DATA_FREE = ["--factorization", "svd"]  # the tiny source has no tokenizer for calibration text
+
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
@@ -27,10 +29,8 @@ def digest(folder):
 
 def test_convert_to_stock_deepseek_v3(source, tmp_path):
     out = tmp_path / "mla"
-    assert (
-        main(["convert", str(source), str(out), "--to", "mla", "--kv-lora-rank", "24", "--rope-dim", "8"])
-        == 0
-    )
+    argv = ["convert", str(source), str(out), "--to", "mla", "--kv-lora-rank", "24", "--rope-dim", "8"]
+    assert main([*argv, *DATA_FREE]) == 0  # default rope selection "high": a DeepSeek ladder with theta'
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "DeepseekV3ForCausalLM" and model.config.kv_lora_rank == 24
     report = json.loads((out / "conversion.json").read_text())
@@ -46,7 +46,18 @@ def test_convert_to_stock_deepseek_v3(source, tmp_path):
 
 def test_convert_to_plugin_format_with_energy_ranks(source, tmp_path):
     out = tmp_path / "plugin"
-    argv = ["convert", str(source), str(out), "--to", "mla", "--kv-lora-rank", "20", "--rope-dim", "4"]
+    argv = [
+        "convert",
+        str(source),
+        str(out),
+        "--to",
+        "mla",
+        "--kv-lora-rank",
+        "20",
+        "--rope-dim",
+        "4",
+        *DATA_FREE,
+    ]
     assert (
         main(argv + ["--format", "plugin", "--rank-allocation", "energy", "--num-rope-key-heads", "2"]) == 0
     )
@@ -91,7 +102,20 @@ def test_unsupported_architecture_writes_nothing(tmp_path, capsys):
 
 def test_bench_writes_measurements(source, tmp_path):
     out = tmp_path / "mla"
-    main(["convert", str(source), str(out), "--to", "mla", "--kv-lora-rank", "24", "--rope-dim", "8"])
+    main(
+        [
+            "convert",
+            str(source),
+            str(out),
+            "--to",
+            "mla",
+            "--kv-lora-rank",
+            "24",
+            "--rope-dim",
+            "8",
+            *DATA_FREE,
+        ]
+    )
     report = tmp_path / "bench.json"
     argv = ["bench", str(out), "--context", "40", "--new-tokens", "3", "--attn-implementation", "latent_sdpa"]
     assert main(argv + ["--cache", "latent", "--json", str(report)]) == 0

@@ -179,7 +179,10 @@ def test_truncated_rank_shrinks_cache_and_changes_output():
         (dict(kv_lora_rank=8, qk_rope_head_dim=7), "must be even"),
         (dict(kv_lora_rank=8, qk_rope_head_dim=18), "larger than the 16 rotary dims"),
         (dict(kv_lora_rank=8, qk_rope_head_dim=0), "at least 2"),
-        (dict(kv_lora_rank=8, qk_rope_head_dim=6), "divide the 16 rotary dims evenly"),
+        (
+            dict(kv_lora_rank=8, qk_rope_head_dim=6, rope_selection="uniform"),
+            "divide the 16 rotary dims evenly",
+        ),
         (dict(kv_lora_rank=8, qk_rope_head_dim=8, num_rope_key_heads=3), "must divide the 2 KV heads"),
         (dict(kv_lora_rank=8, qk_rope_head_dim=8, rope_selection="middle"), "unknown rope selection"),
         (dict(kv_lora_rank=8, qk_rope_head_dim=8, factorization="qr"), "unknown factorization"),

@@ -41,10 +41,18 @@ def test_deepseek_v3_export_of_smollm2(smollm2, tmp_path):
     """-68.75% KV: the stock checkpoint equals the in-memory conversion, and latent_sdpa equals stock sdpa."""
     src, model, ids = smollm2
     out = tmp_path / "mla"
-    report = convert_checkpoint(src, out, to="mla", mla={"kv_lora_rank": 104, "qk_rope_head_dim": 16})
+    options = {
+        "kv_lora_rank": 104,
+        "qk_rope_head_dim": 16,
+        "rope_selection": "uniform",
+        "factorization": "svd",
+    }
+    report = convert_checkpoint(src, out, to="mla", mla=options)
     assert report.kv_bytes_per_token_after == 120 * 30 * 4 and report.kv_reduction == pytest.approx(0.6875)
     in_memory = copy.deepcopy(model)
-    convert_to_mla(in_memory, 103, 16)  # deepseek_v3 keeps one of the 104 latent channels for the constant
+    convert_to_mla(
+        in_memory, 103, 16, rope_selection="uniform"
+    )  # deepseek_v3 keeps one of the 104 latent channels for the constant
     stock = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
     latent = AutoModelForCausalLM.from_pretrained(out, attn_implementation="latent_sdpa").eval()
     with torch.no_grad():
@@ -56,5 +64,7 @@ def test_deepseek_v3_export_of_smollm2(smollm2, tmp_path):
     cache = LatentCache(config=latent.config)
     stock.generation_config.eos_token_id = latent.generation_config.eos_token_id = None
     greedy = stock.generate(ids[None, :64], max_new_tokens=12, do_sample=False)
-    assert torch.equal(latent.generate(ids[None, :64], max_new_tokens=12, do_sample=False, past_key_values=cache), greedy)
+    assert torch.equal(
+        latent.generate(ids[None, :64], max_new_tokens=12, do_sample=False, past_key_values=cache), greedy
+    )
     assert cache.nbytes() == (64 + 11) * 120 * 30 * 4

@@ -28,8 +28,8 @@ class MLAOptions:
 
     kv_lora_rank: int | None = None
     qk_rope_head_dim: int | None = None
-    rope_selection: str = "uniform"
-    factorization: str = "svd"
+    rope_selection: str = "high"
+    factorization: str = "pca"
     num_rope_key_heads: int = 1
     rank_allocation: str = "uniform"
     format: str = "deepseek_v3"

@@ -306,8 +306,8 @@ def convert_to_mla(
     model: nn.Module,
     kv_lora_rank: int,
     qk_rope_head_dim: int,
-    rope_selection: str = "uniform",
-    factorization: str = "svd",
+    rope_selection: str = "high",
+    factorization: str | None = None,
     calibration: list[torch.Tensor] | None = None,
     num_rope_key_heads: int = 1,
     rank_allocation: str = "uniform",
@@ -317,8 +317,10 @@ def convert_to_mla(
 
     kv_lora_rank: latent rank r (the per-layer average under ``rank_allocation="energy"``), 1..min(hidden,
         2 H_kv head_dim). qk_rope_head_dim: rotary dims kept per rope key (even, <= head_dim).
-    rope_selection: ``uniform`` | ``high`` | ``low`` | ``norm`` (see ``hf_attn_swap.mla.rope``).
-    factorization: ``svd`` (weights) | ``pca`` (activation-aware; needs ``calibration``).
+    rope_selection: ``high`` (default: best training-free on SmolLM2) | ``uniform`` | ``low`` | ``norm``
+        (see ``hf_attn_swap.mla.rope``).
+    factorization: ``svd`` (weights) | ``pca`` (activation-aware; needs ``calibration``); default: ``pca`` when
+        ``calibration`` is given, else ``svd``.
     calibration: per-layer attention inputs [N, hidden] (``hf_attn_swap.calibration.collect_attention_inputs``);
         also used, when given, by the ``norm`` selection and the shared-rope-key mixing.
     num_rope_key_heads: rope keys per layer (1 = DeepSeek's shared key; H_kv keeps RoPE exact).
@@ -327,6 +329,8 @@ def convert_to_mla(
     Raises ``ValueError`` / ``UnsupportedArchitectureError`` before the model is touched.
     """
     adapter = get_adapter(model)
+    if factorization is None:
+        factorization = "pca" if calibration is not None else "svd"
     layout = validate_mla_options(
         model.config, kv_lora_rank, qk_rope_head_dim, rope_selection, factorization, num_rope_key_heads,
         rank_allocation,
