@@ -94,6 +94,7 @@ def convert_checkpoint(
     calibration_inputs=None,
     dtype: str = "auto",
     overwrite: bool = False,
+    mla: dict | None = None,
 ) -> ConversionReport:
     """Load ``src``, convert it, and save the result (weights, config, tokenizer, ``conversion.json``) to ``out``.
 
@@ -101,6 +102,7 @@ def convert_checkpoint(
     weight is loaded; nothing is written to ``out`` unless the conversion succeeds. Methods that need calibration
     read the first ``calibration_tokens`` tokens of ``calibration_data``, unless ``calibration_inputs`` (a
     ``hf_attn_swap.calibration.Calibration`` of this source model) is given.
+    ``to="mla"`` takes its options in ``mla`` (see ``hf_attn_swap.mla.checkpoint.MLAOptions``).
     """
     from transformers import AutoConfig
 
@@ -113,8 +115,14 @@ def convert_checkpoint(
     config = AutoConfig.from_pretrained(src)
     adapter = get_adapter(config)
     layout = adapter.layout(config)
+    if to == "mla":
+        from .mla.checkpoint import convert_mla_checkpoint
+
+        return convert_mla_checkpoint(
+            src, out, config, torch_dtype, mla or {}, calibration_data, calibration_tokens, overwrite
+        )
     if to != "gqa":
-        raise ValueError(f"unknown conversion target {to!r}; choose gqa")
+        raise ValueError(f"unknown conversion target {to!r}; choose gqa or mla")
     if num_key_value_heads is None:
         raise ValueError("--to gqa needs --num-kv-heads N (1 = MQA)")
     validate_num_key_value_heads(layout, num_key_value_heads)

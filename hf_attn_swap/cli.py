@@ -78,10 +78,63 @@ def _cmd_convert(args) -> int:
         calibration_tokens=args.calibration_tokens,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        mla=_mla_options(args) if args.to == "mla" else None,
     )
     print(report)
     print(f"saved to {args.out}")
     return 0
+
+
+def _mla_options(args) -> dict:
+    return {
+        "kv_lora_rank": args.kv_lora_rank,
+        "qk_rope_head_dim": args.rope_dim,
+        "rope_selection": args.rope_selection,
+        "factorization": args.factorization,
+        "num_rope_key_heads": args.num_rope_key_heads,
+        "rank_allocation": args.rank_allocation,
+        "format": args.format,
+    }
+
+
+# -- bench -----------------------------------------------------------------------------------------------------
+def _cmd_bench(args) -> int:
+    import torch
+
+    from .bench import decode_benchmark
+    from .checkpoint import load_causal_lm
+
+    if args.context < 1:
+        raise ValueError(f"--context must be at least 1, got {args.context}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_causal_lm(args.model, args.dtype, args.attn_implementation)
+    prompt = _bench_prompt(args.model, args.context, model.config.vocab_size)
+    result = decode_benchmark(model, prompt, args.new_tokens, cache=args.cache)
+    result = {"model": str(args.model), **result, "command": sys.argv, "machine": machine_info()}
+    print(
+        f"{Path(args.model).name} [{result['attn_implementation']}, {result['cache_class']}] context {args.context}: "
+        f"{result['decode_tokens_per_second']:.2f} tokens/s over {args.new_tokens} new tokens, prefill "
+        f"{result['prefill_seconds']:.1f} s, cache {result['cache_bytes_per_token']:.0f} bytes/token, "
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB"
+    )
+    if args.json:
+        print(f"wrote {write_json(args.json, result)}")
+    return 0
+
+
+def _bench_prompt(model_path, context: int, vocab_size: int):
+    """The first ``context`` tokens of the held-out text (repeated if short), or fixed ids without a tokenizer."""
+    import torch
+
+    from .checkpoint import load_tokenizer
+    from .data import default_eval_files, load_token_ids
+
+    try:
+        ids = load_token_ids(load_tokenizer(model_path), default_eval_files(), context)
+    except (OSError, ValueError, TypeError):
+        ids = torch.arange(3, 3 + context) % vocab_size
+    return ids.repeat(context // len(ids) + 1)[:context]
 
 
 # -- eval ------------------------------------------------------------------------------------------------------
@@ -255,13 +308,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a checkpoint folder SRC into a new folder OUT")
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--to", choices=["gqa"], required=True, help="target attention")
+    p.add_argument("--to", choices=["gqa", "mla"], required=True, help="target attention")
     p.add_argument("--num-kv-heads", type=int, help="gqa: KV heads after conversion (1 = MQA)")
     p.add_argument(
         "--method",
         default="mean",
         help="gqa: initialisation method: mean, group, align, fit, group-align, group-fit (default %(default)s;"
         " all but mean need --calibration-data)",
+    )
+    p.add_argument("--kv-lora-rank", type=int, help="mla: latent values cached per token and layer (R)")
+    p.add_argument("--rope-dim", type=int, help="mla: rotary dims kept in the shared rope key (D, even)")
+    p.add_argument(
+        "--rope-selection", default="high", help="mla: uniform | high | low | norm (default %(default)s)"
+    )
+    p.add_argument("--factorization", default="pca", help="mla: svd | pca (default %(default)s)")
+    p.add_argument(
+        "--num-rope-key-heads", type=int, default=1, help="mla: rope keys per layer (plugin format)"
+    )
+    p.add_argument("--rank-allocation", default="uniform", help="mla: uniform | energy (plugin format)")
+    p.add_argument(
+        "--format",
+        default="deepseek_v3",
+        choices=["deepseek_v3", "plugin"],
+        help="mla: output format (default %(default)s)",
     )
     p.add_argument("--calibration-data", nargs="+", metavar="FILE", help="text for activation-aware methods")
     p.add_argument("--calibration-tokens", type=int, default=8192)
@@ -283,6 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-implementation", help="e.g. sdpa, eager")
     p.add_argument("--json", metavar="OUT", help="write the metrics to this JSON file")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("bench", help="decode tokens/s at a given context, cache bytes and peak RSS")
+    p.add_argument("model")
+    p.add_argument("--context", type=int, required=True, help="prompt tokens before decoding")
+    p.add_argument(
+        "--new-tokens", type=int, default=16, help="greedy decode steps timed (default %(default)s)"
+    )
+    p.add_argument("--attn-implementation", help="e.g. sdpa, eager, latent_sdpa")
+    p.add_argument(
+        "--cache",
+        default="auto",
+        choices=["auto", "latent", "dynamic"],
+        help="cache class (default: the model's)",
+    )
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--json", metavar="OUT", help="write the measurements to this JSON file")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="main job: convert the packaged SmolLM2 to MQA and evaluate both")
     _add_eval_options(p)
