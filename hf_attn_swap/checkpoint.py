@@ -59,6 +59,29 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling",
+    "2_Normalize",
+)
+
+
+def copy_sentence_transformers_files(src: Path, dst: Path) -> list[str]:
+    """The pooling/normalisation set-up of a sentence-transformers folder (the weights are written anew)."""
+    copied = []
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dst / name)
+        elif (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+        else:
+            continue
+        copied.append(name)
+    return copied
+
+
 def convert_checkpoint(
     src: str | Path,
     out: str | Path,
@@ -68,13 +91,18 @@ def convert_checkpoint(
     method: str = "mean",
     calibration_data=None,
     calibration_tokens: int = 8192,
+    calibration_inputs=None,
     dtype: str = "auto",
     overwrite: bool = False,
+    mla: dict | None = None,
 ) -> ConversionReport:
     """Load ``src``, convert it, and save the result (weights, config, tokenizer, ``conversion.json``) to ``out``.
 
     Everything that can be checked from the config (family, head counts, dtype, paths) is checked before any
-    weight is loaded; nothing is written to ``out`` unless the conversion succeeds.
+    weight is loaded; nothing is written to ``out`` unless the conversion succeeds. Methods that need calibration
+    read the first ``calibration_tokens`` tokens of ``calibration_data``, unless ``calibration_inputs`` (a
+    ``hf_attn_swap.calibration.Calibration`` of this source model) is given.
+    ``to="mla"`` takes its options in ``mla`` (see ``hf_attn_swap.mla.checkpoint.MLAOptions``).
     """
     from transformers import AutoConfig
 
@@ -87,27 +115,47 @@ def convert_checkpoint(
     config = AutoConfig.from_pretrained(src)
     adapter = get_adapter(config)
     layout = adapter.layout(config)
+    if to == "mla":
+        from .mla.checkpoint import convert_mla_checkpoint
+
+        return convert_mla_checkpoint(
+            src, out, config, torch_dtype, mla or {}, calibration_data, calibration_tokens, overwrite
+        )
     if to != "gqa":
-        raise ValueError(f"unknown conversion target {to!r}; choose gqa")
+        raise ValueError(f"unknown conversion target {to!r}; choose gqa or mla")
     if num_key_value_heads is None:
         raise ValueError("--to gqa needs --num-kv-heads N (1 = MQA)")
     validate_num_key_value_heads(layout, num_key_value_heads)
+    if getattr(GQA_METHODS.get(method), "needs_calibration", False) and calibration_inputs is None:
+        from .calibration import require_calibration_files
+
+        require_calibration_files(calibration_data, f"method {method!r}")  # before any weight is loaded
     if method not in GQA_METHODS:
         raise ValueError(f"unknown GQA method {method!r}; choose one of {sorted(GQA_METHODS)}")
     gqa_method = GQA_METHODS[method]
 
-    model = load_causal_lm(src, dtype=torch_dtype)
-    calibration = None
-    if gqa_method.needs_calibration:
-        from .calibration import collect_attention_inputs_from_files
+    if layout.causal:
+        model = load_causal_lm(src, dtype=torch_dtype)
+    else:  # encoders (BERT): the checkpoint's own architecture, e.g. BertModel for sentence-transformers
+        from transformers import AutoModel
 
-        calibration = collect_attention_inputs_from_files(
-            model, load_tokenizer(src), calibration_data, max_tokens=calibration_tokens
+        model = AutoModel.from_pretrained(str(src), dtype=torch_dtype).eval()
+    calibration = calibration_inputs
+    if gqa_method.needs_calibration and calibration is None:
+        from .calibration import collect_calibration_from_files
+
+        calibration = collect_calibration_from_files(
+            model,
+            load_tokenizer(src),
+            calibration_data,
+            max_tokens=calibration_tokens,
+            key_weights=gqa_method.uses_key_weights,
         )
     report = convert_to_gqa(model, num_key_value_heads, method=gqa_method, calibration=calibration)
     report.details["source"] = str(src)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer_files(src, tmp)
+        copy_sentence_transformers_files(src, tmp)
         report.save(tmp)
     return report

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-EVAL_DEFAULTS = {"max_tokens": 4096, "window": 1024}
+EVAL_DEFAULTS = {"max_tokens": 16384, "window": 1024}
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
@@ -78,10 +78,63 @@ def _cmd_convert(args) -> int:
         calibration_tokens=args.calibration_tokens,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        mla=_mla_options(args) if args.to == "mla" else None,
     )
     print(report)
     print(f"saved to {args.out}")
     return 0
+
+
+def _mla_options(args) -> dict:
+    return {
+        "kv_lora_rank": args.kv_lora_rank,
+        "qk_rope_head_dim": args.rope_dim,
+        "rope_selection": args.rope_selection,
+        "factorization": args.factorization,
+        "num_rope_key_heads": args.num_rope_key_heads,
+        "rank_allocation": args.rank_allocation,
+        "format": args.format,
+    }
+
+
+# -- bench -----------------------------------------------------------------------------------------------------
+def _cmd_bench(args) -> int:
+    import torch
+
+    from .bench import decode_benchmark
+    from .checkpoint import load_causal_lm
+
+    if args.context < 1:
+        raise ValueError(f"--context must be at least 1, got {args.context}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_causal_lm(args.model, args.dtype, args.attn_implementation)
+    prompt = _bench_prompt(args.model, args.context, model.config.vocab_size)
+    result = decode_benchmark(model, prompt, args.new_tokens, cache=args.cache)
+    result = {"model": str(args.model), **result, "command": sys.argv, "machine": machine_info()}
+    print(
+        f"{Path(args.model).name} [{result['attn_implementation']}, {result['cache_class']}] context {args.context}: "
+        f"{result['decode_tokens_per_second']:.2f} tokens/s over {args.new_tokens} new tokens, prefill "
+        f"{result['prefill_seconds']:.1f} s, cache {result['cache_bytes_per_token']:.0f} bytes/token, "
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB"
+    )
+    if args.json:
+        print(f"wrote {write_json(args.json, result)}")
+    return 0
+
+
+def _bench_prompt(model_path, context: int, vocab_size: int):
+    """The first ``context`` tokens of the held-out text (repeated if short), or fixed ids without a tokenizer."""
+    import torch
+
+    from .checkpoint import load_tokenizer
+    from .data import default_eval_files, load_token_ids
+
+    try:
+        ids = load_token_ids(load_tokenizer(model_path), default_eval_files(), context)
+    except (OSError, ValueError, TypeError):
+        ids = torch.arange(3, 3 + context) % vocab_size
+    return ids.repeat(context // len(ids) + 1)[:context]
 
 
 # -- eval ------------------------------------------------------------------------------------------------------
@@ -193,33 +246,56 @@ def _cmd_eval(args) -> int:
 
 # -- demo (the README's main job) ------------------------------------------------------------------------------
 def _cmd_demo(args) -> int:
-    from .checkpoint import convert_checkpoint
+    from .checkpoint import convert_checkpoint, load_causal_lm, load_tokenizer
     from .examples import example_model_path
+    from .gqa import GQA_METHODS
 
+    methods = list(dict.fromkeys(args.method or ["mean"]))
+    unknown = [m for m in methods if m not in GQA_METHODS]
+    if unknown:
+        raise ValueError(f"unknown GQA method(s) {unknown}; choose from {sorted(GQA_METHODS)}")
     src = example_model_path("smollm2")
     workdir = Path(args.workdir).expanduser()
-    converted = workdir / f"SmolLM2-135M-Instruct-kv{args.num_kv_heads}-{args.method}"
-    report = convert_checkpoint(
-        src,
-        converted,
-        to="gqa",
-        num_key_value_heads=args.num_kv_heads,
-        method=args.method,
-        calibration_data=args.calibration_data,
-        overwrite=True,
-    )
-    print(report)
-    models = {
-        "original (3 KV heads)": str(src),
-        f"{args.method}-pooled ({args.num_kv_heads} KV heads)": str(converted),
-    }
+    calibration, calibration_info = None, None
+    if any(GQA_METHODS[m].needs_calibration for m in methods):  # collected once, shared by the methods
+        from .calibration import collect_calibration, require_calibration_files
+        from .data import default_train_files, load_token_ids
+
+        files = require_calibration_files(args.calibration_data or default_train_files(), "demo")
+        ids = load_token_ids(load_tokenizer(src), files, args.calibration_tokens)
+        key_weights = any(GQA_METHODS[m].uses_key_weights for m in methods)
+        calibration = collect_calibration(
+            load_causal_lm(src), ids, args.calibration_window, key_weights=key_weights
+        )
+        calibration_info = {
+            "tokens": int(ids.numel()),
+            "window": args.calibration_window,
+            "files": len(files),
+            "first_file": str(files[0]),
+        }
+    models, reports = {"original (3 KV heads)": str(src)}, {}
+    for method in methods:
+        converted = workdir / f"SmolLM2-135M-Instruct-kv{args.num_kv_heads}-{method}"
+        reports[method] = convert_checkpoint(
+            src,
+            converted,
+            to="gqa",
+            num_key_value_heads=args.num_kv_heads,
+            method=method,
+            calibration_inputs=calibration if GQA_METHODS[method].needs_calibration else None,
+            overwrite=True,
+        )
+        print(reports[method])
+        models[f"{method}-pooled ({args.num_kv_heads} KV heads)"] = str(converted)
     results = evaluate_checkpoints(models, args.data, str(src), args.max_tokens, args.window)
     rows = [{"name": name, **r} for name, r in results.items()]
     print()
     print(markdown_table(rows, EVAL_COLUMNS))
     payload = {
         "results": results,
-        "conversion": report.to_dict(),
+        "conversion": reports[methods[0]].to_dict(),
+        "conversions": {m: r.to_dict() for m, r in reports.items()},
+        "calibration": calibration_info,
         "command": sys.argv,
         "machine": machine_info(),
     }
@@ -312,9 +388,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a checkpoint folder SRC into a new folder OUT")
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--to", choices=["gqa"], required=True, help="target attention")
+    p.add_argument("--to", choices=["gqa", "mla"], required=True, help="target attention")
     p.add_argument("--num-kv-heads", type=int, help="gqa: KV heads after conversion (1 = MQA)")
-    p.add_argument("--method", default="mean", help="gqa: initialisation method (default %(default)s)")
+    p.add_argument(
+        "--method",
+        default="mean",
+        help="gqa: initialisation method: mean, group, align, fit, group-align, group-fit (default %(default)s;"
+        " all but mean need --calibration-data)",
+    )
+    p.add_argument("--kv-lora-rank", type=int, help="mla: latent values cached per token and layer (R)")
+    p.add_argument("--rope-dim", type=int, help="mla: rotary dims kept in the shared rope key (D, even)")
+    p.add_argument(
+        "--rope-selection", default="high", help="mla: uniform | high | low | norm (default %(default)s)"
+    )
+    p.add_argument("--factorization", default="pca", help="mla: svd | pca (default %(default)s)")
+    p.add_argument(
+        "--num-rope-key-heads", type=int, default=1, help="mla: rope keys per layer (plugin format)"
+    )
+    p.add_argument("--rank-allocation", default="uniform", help="mla: uniform | energy (plugin format)")
+    p.add_argument(
+        "--format",
+        default="deepseek_v3",
+        choices=["deepseek_v3", "plugin"],
+        help="mla: output format (default %(default)s)",
+    )
     p.add_argument("--calibration-data", nargs="+", metavar="FILE", help="text for activation-aware methods")
     p.add_argument("--calibration-tokens", type=int, default=8192)
     p.add_argument(
@@ -358,11 +455,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", metavar="DIR", help="write quality_vs_kv.png (and decode_speed.png) here")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("bench", help="decode tokens/s at a given context, cache bytes and peak RSS")
+    p.add_argument("model")
+    p.add_argument("--context", type=int, required=True, help="prompt tokens before decoding")
+    p.add_argument(
+        "--new-tokens", type=int, default=16, help="greedy decode steps timed (default %(default)s)"
+    )
+    p.add_argument("--attn-implementation", help="e.g. sdpa, eager, latent_sdpa")
+    p.add_argument(
+        "--cache",
+        default="auto",
+        choices=["auto", "latent", "dynamic"],
+        help="cache class (default: the model's)",
+    )
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--json", metavar="OUT", help="write the measurements to this JSON file")
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("demo", help="main job: convert the packaged SmolLM2 to MQA and evaluate both")
     _add_eval_options(p)
     p.add_argument("--num-kv-heads", type=int, default=1)
-    p.add_argument("--method", default="mean")
-    p.add_argument("--calibration-data", nargs="+", metavar="FILE")
+    p.add_argument(
+        "--method",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        help="one or more GQA methods to convert with and compare (default: mean)",
+    )
+    p.add_argument(
+        "--calibration-data",
+        nargs="+",
+        metavar="FILE",
+        help="calibration text for activation-aware methods (default: the Python library reference)",
+    )
+    p.add_argument("--calibration-tokens", type=int, default=8192)
+    p.add_argument("--calibration-window", type=int, default=512)
     p.add_argument("--workdir", default="runs/demo", help="where the converted model and demo.json go")
     p.set_defaults(func=_cmd_demo)
 

@@ -22,13 +22,16 @@ from tqdm.auto import tqdm
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes held by a transformers ``Cache`` (uses ``cache.nbytes()`` when the class defines it)."""
+    """Bytes of cached states in a transformers ``Cache`` (``cache.nbytes()`` when the class defines it).
+
+    Otherwise sums every tensor of >= 2 dims held by ``cache.layers[*]`` (K/V blocks, latents); 0/1-dim
+    bookkeeping tensors (lengths, positions) are not cache payload and are skipped."""
     if hasattr(cache, "nbytes") and callable(cache.nbytes):
         return int(cache.nbytes())
     total = 0
     for layer in getattr(cache, "layers", []):
         for value in vars(layer).values():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.dim() >= 2:
                 total += value.numel() * value.element_size()
     return total
 
@@ -86,15 +89,17 @@ def evaluate_models(
         for group in groups:
             ids = torch.stack(group)
             targets = ids[:, 1:]
-            ref_logp = None
+            ref_logp, ref_seconds = None, 0.0
             if reference is not None:
+                start = time.perf_counter()
                 ref_logp = _log_probs(reference, ids)
+                ref_seconds = time.perf_counter() - start
                 bar.update(len(group))
             for name, model in models.items():
                 start = time.perf_counter()
                 logp = ref_logp if model is reference else _log_probs(model, ids)
                 t = totals[name]
-                t["seconds"] += time.perf_counter() - start
+                t["seconds"] += time.perf_counter() - start + (ref_seconds if model is reference else 0.0)
                 t["nll"] -= logp.gather(-1, targets.to(logp.device).unsqueeze(-1)).sum().item()
                 t["tokens"] += targets.numel()
                 if ref_logp is not None:

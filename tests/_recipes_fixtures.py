@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 from hf_attn_swap.data import PYTHON_DOCS
-from hf_attn_swap.testing import TINY_TOKENIZER_TEXT, save_tiny_checkpoint
+from hf_attn_swap.testing import TINY_TEXT, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def sample_text(part: str = "tutorial", chars: int = 40_000) -> str:
     if folder.is_dir():
         text = "\n\n".join(p.read_text() for p in sorted(folder.glob("*.txt")))
     else:
-        text = TINY_TOKENIZER_TEXT * (chars // len(TINY_TOKENIZER_TEXT) + 1)
+        text = TINY_TEXT * (chars // len(TINY_TEXT) + 1)
     return text[:chars]
 
 
@@ -25,9 +25,7 @@ def make_tiny_pair(root: Path) -> tuple[Path, Path]:
     """(original tiny Llama with 4 query / 2 KV heads, its mean-pooled MQA conversion with conversion.json)."""
     from hf_attn_swap.checkpoint import convert_checkpoint
 
-    src = save_tiny_checkpoint(
-        root / "tiny", text=sample_text(), num_attention_heads=4, num_key_value_heads=2
-    )
+    src = save_tiny_checkpoint(root / "tiny", num_attention_heads=4, num_key_value_heads=2)
     convert_checkpoint(src, root / "tiny-mqa", to="gqa", num_key_value_heads=1)
     return src, root / "tiny-mqa"
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from .base import ArchitectureAdapter, AttentionLayout, AttentionWeights, RopeInfo, new_linear
+from .bert import BertAdapter
+from .falcon import FalconAdapter
+from .gpt2 import GPT2Adapter
+from .gpt_neox import GPTNeoXAdapter
 from .llama import (
     Gemma2Adapter,
     GemmaAdapter,
@@ -12,6 +16,7 @@ from .llama import (
     Qwen2Adapter,
     Qwen3Adapter,
 )
+from .opt import OPTAdapter
 from .phi3 import Phi3Adapter
 
 ADAPTERS: dict[str, ArchitectureAdapter] = {}
@@ -36,6 +41,11 @@ for _cls in (
     GemmaAdapter,
     Gemma2Adapter,
     Phi3Adapter,
+    GPT2Adapter,
+    GPTNeoXAdapter,
+    OPTAdapter,
+    FalconAdapter,
+    BertAdapter,
 ):
     register_adapter(_cls())
 

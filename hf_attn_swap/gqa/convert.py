@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from ..architectures import AttentionLayout, get_adapter
+from ..calibration import Calibration
 from ..report import ConversionReport
+from .alignment import AlignedMean
 from .base import GQAMethod, LayerContext
+from .fit import ActivationFit
+from .grouping import SimilarityGrouping
 from .mean import MeanPooling
 
 GQA_METHODS: dict[str, GQAMethod] = {}
@@ -19,6 +25,11 @@ def register_gqa_method(method: GQAMethod) -> GQAMethod:
 
 
 register_gqa_method(MeanPooling())
+register_gqa_method(AlignedMean())
+register_gqa_method(ActivationFit())
+register_gqa_method(SimilarityGrouping("group", MeanPooling(), aligned=False))
+register_gqa_method(SimilarityGrouping("group-align", AlignedMean(), aligned=True))
+register_gqa_method(SimilarityGrouping("group-fit", ActivationFit(), aligned=True))
 
 
 def validate_num_key_value_heads(layout: AttentionLayout, num_key_value_heads) -> int:
@@ -52,18 +63,51 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+WEIGHT_NAMES = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias")
+
+
+def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.cpu()
+
+
+def layer_context(
+    attn: nn.Module,
+    layer_idx: int,
+    layout: AttentionLayout,
+    num_key_value_heads: int,
+    inputs: torch.Tensor | None = None,
+    key_weights: torch.Tensor | None = None,
+) -> LayerContext:
+    """What a method sees of one attention module: target head count, calibration inputs, q/k norm weights."""
+
+    def norm_weight(name):  # a per-head norm on q or k (Qwen3's ``q_norm``/``k_norm``), if any
+        weight = getattr(getattr(attn, name, None), "weight", None)
+        return None if weight is None else weight.detach().float().cpu()
+
+    return LayerContext(
+        layer_idx=layer_idx,
+        layout=layout,
+        num_key_value_heads=num_key_value_heads,
+        inputs=None if inputs is None else inputs.float(),
+        key_weights=None if key_weights is None else key_weights.float(),
+        q_norm_weight=norm_weight("q_norm"),
+        k_norm_weight=norm_weight("k_norm"),
+    )
+
+
 def convert_to_gqa(
     model: nn.Module,
     num_key_value_heads: int,
     method: str | GQAMethod = "mean",
-    calibration: list[torch.Tensor] | None = None,
+    calibration: Calibration | list[torch.Tensor] | None = None,
 ) -> ConversionReport:
     """Rewrite ``model`` in place so every attention layer has ``num_key_value_heads`` K/V heads.
 
     Weights, biases, module attributes and ``model.config.num_key_value_heads`` are updated; for families
     with native GQA the result saves and loads with stock transformers. Arithmetic is done in float32 and
-    cast back to the model's dtype. ``calibration``: per-layer attention inputs [N, hidden], for methods with
-    ``needs_calibration`` (see ``hf_attn_swap.gqa.calibration``).
+    cast back to the model's dtype. ``calibration``: ``hf_attn_swap.calibration.Calibration`` (or just its
+    per-layer attention inputs [N, hidden]) for methods with ``needs_calibration``; methods with
+    ``uses_key_weights`` also use its ``key_weights`` when present.
 
     Raises ``ValueError`` (before touching the model) for a head count that is not in
     ``{n <= H_kv : H % n == 0}``, and ``UnsupportedArchitectureError`` for unknown families.
@@ -98,22 +142,38 @@ def convert_to_gqa(
         raise ValueError(
             f"found {len(attention)} {layout.family} attention modules but config says {layout.num_layers} layers"
         )
-    if method.needs_calibration and (calibration is None or len(calibration) != len(attention)):
+    if not isinstance(calibration, Calibration):
+        calibration = None if calibration is None else Calibration(list(calibration))
+    if method.needs_calibration and (calibration is None or len(calibration.inputs) != len(attention)):
         raise ValueError(
             f"method {method.name!r} needs calibration activations for each of the {len(attention)} layers: "
-            "pass calibration=hf_attn_swap.calibration.collect_attention_inputs(model, token_ids) (CLI: --calibration-data FILE...)"
+            "pass calibration=hf_attn_swap.calibration.collect_calibration(model, token_ids) "
+            "(CLI: --calibration-data FILE...)"
+        )
+    key_weights = None if calibration is None else calibration.key_weights
+    if method.needs_calibration:
+        report.details["calibration_tokens"] = int(calibration.inputs[0].shape[0])
+        report.details["key_weights"] = (
+            "attention received" if key_weights and method.uses_key_weights else None
         )
     # Compute every layer first, then write: a failing method leaves the model untouched.
     new_weights = []
     with torch.no_grad():
         for idx, attn in enumerate(attention):
-            ctx = LayerContext(
-                layer_idx=idx,
-                layout=layout,
-                num_key_value_heads=num_key_value_heads,
-                inputs=None if calibration is None else calibration[idx].float(),
+            ctx = layer_context(
+                attn,
+                idx,
+                layout,
+                num_key_value_heads,
+                None if calibration is None else calibration.inputs[idx],
+                None if key_weights is None else key_weights[idx],
             )
-            new_weights.append(method.convert_layer(adapter.read(attn).to(torch.float32), ctx).to(dtype))
+            weights = adapter.read(attn).to(torch.float32)
+            if method.needs_calibration:  # calibration statistics live on the CPU; write() moves weights back
+                weights = replace(weights, **{n: _cpu(getattr(weights, n)) for n in WEIGHT_NAMES})
+            new_weights.append(method.convert_layer(weights, ctx).to(dtype))
+            if "head_order" in ctx.cache:
+                report.details.setdefault("head_order", []).append(ctx.cache["head_order"])
         for attn, weights in zip(attention, new_weights, strict=True):
             adapter.write(attn, weights)
     adapter.set_num_key_value_heads(model, num_key_value_heads)

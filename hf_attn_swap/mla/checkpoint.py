@@ -1,0 +1,121 @@
+"""``convert_checkpoint(src, out, to="mla", mla={...})``: folder -> MLA folder, as stock deepseek_v3 or plugin format.
+
+Called by ``hf_attn_swap.checkpoint.convert_checkpoint`` after the source config is read; every option is checked
+against that config before any weight is loaded, and OUT is written atomically (complete or absent).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..checkpoint import copy_tokenizer_files, load_causal_lm, load_tokenizer
+from ..io import atomic_output_dir
+from ..report import ConversionReport
+from .convert import convert_to_mla, max_kv_lora_rank, mla_kv_bytes_per_token, validate_mla_options
+from .rope import LADDER_SELECTIONS
+
+FORMATS = ("deepseek_v3", "plugin")
+
+
+@dataclass
+class MLAOptions:
+    """kv_lora_rank: latent values cached per token and layer (besides the rope key). In ``deepseek_v3`` format
+    one of them is the constant channel that neutralises ``kv_a_layernorm`` (``hf_attn_swap.export``), so the
+    learned latent has kv_lora_rank - 1 dims; the cache is (kv_lora_rank + qk_rope_head_dim) values either way."""
+
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    rope_selection: str = "high"
+    factorization: str = "pca"
+    num_rope_key_heads: int = 1
+    rank_allocation: str = "uniform"
+    format: str = "deepseek_v3"
+    balance_kv: bool = True
+
+
+def _check_deepseek_options(opts: MLAOptions, config, layout) -> None:
+    problems = []
+    if opts.num_rope_key_heads != 1:
+        problems.append("--num-rope-key-heads must be 1 (one shared rope key)")
+    if opts.rank_allocation != "uniform":
+        problems.append("--rank-allocation must be uniform (one kv_lora_rank for all layers)")
+    if opts.rope_selection not in LADDER_SELECTIONS:
+        problems.append(
+            f"--rope-selection must be one of {', '.join(LADDER_SELECTIONS)} (a DeepSeek frequency ladder)"
+        )
+    if getattr(config, "mlp_bias", False):
+        problems.append("the source has MLP biases")
+    if problems:
+        raise ValueError(
+            "deepseek_v3 cannot express this conversion: " + "; ".join(problems) + ". Use --format plugin."
+        )
+    rank = opts.kv_lora_rank
+    if isinstance(rank, int) and not isinstance(rank, bool) and not 2 <= rank <= max_kv_lora_rank(layout) + 1:
+        raise ValueError(
+            f"kv_lora_rank={rank} is out of range for --format deepseek_v3: it must be between 2 and "
+            f"{max_kv_lora_rank(layout) + 1} (one latent channel holds the constant that neutralises kv_a_layernorm)"
+        )
+
+
+def convert_mla_checkpoint(
+    src, out, config, dtype, options, calibration_data, calibration_tokens: int, overwrite: bool
+) -> ConversionReport:
+    opts = options if isinstance(options, MLAOptions) else MLAOptions(**options)
+    if opts.kv_lora_rank is None or opts.qk_rope_head_dim is None:
+        raise ValueError(
+            "--to mla needs --kv-lora-rank R and --rope-dim D (KV cache: R + D values per token and layer)"
+        )
+    if opts.format not in FORMATS:
+        raise ValueError(f"unknown format {opts.format!r}; choose one of {', '.join(FORMATS)}")
+    deepseek = opts.format == "deepseek_v3"
+    from ..architectures import get_adapter
+
+    layout = get_adapter(config).layout(config)
+    if deepseek:
+        _check_deepseek_options(opts, config, layout)
+    latent_rank = opts.kv_lora_rank - 1 if deepseek else opts.kv_lora_rank
+    validate_mla_options(
+        config, latent_rank, opts.qk_rope_head_dim, opts.rope_selection, opts.factorization, opts.num_rope_key_heads,
+        opts.rank_allocation,
+    )  # fmt: skip
+
+    model = load_causal_lm(src, dtype=dtype)
+    calibration, files = None, None
+    if calibration_data or opts.factorization == "pca" or opts.rope_selection == "norm":
+        from ..calibration import collect_attention_inputs_from_files
+        from ..data import default_train_files
+
+        files = calibration_data or default_train_files()
+        calibration = collect_attention_inputs_from_files(
+            model, load_tokenizer(src), files, max_tokens=calibration_tokens
+        )
+    report = convert_to_mla(
+        model, latent_rank, opts.qk_rope_head_dim, opts.rope_selection, opts.factorization, calibration,
+        opts.num_rope_key_heads, opts.rank_allocation, opts.balance_kv,
+    )  # fmt: skip
+    report.details.update(
+        source=str(src),
+        format=opts.format,
+        options=asdict(opts),
+        calibration_data=None if files is None else [str(f) for f in files],
+        calibration_tokens=None if files is None else calibration_tokens,
+    )
+    saved = model
+    if deepseek:
+        from ..export import to_deepseek_v3
+
+        saved, details = to_deepseek_v3(model)
+        saved.generation_config = copy.deepcopy(model.generation_config)
+        report.details["deepseek_v3"] = details
+        report.after["kv_lora_rank"] = opts.kv_lora_rank
+        report.kv_bytes_per_token_after = mla_kv_bytes_per_token(
+            [opts.kv_lora_rank] * layout.num_layers, opts.qk_rope_head_dim, 1, next(model.parameters()).dtype
+        )
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, torch.no_grad():
+        saved.save_pretrained(tmp)
+        copy_tokenizer_files(src, tmp)
+        report.save(tmp)
+    return report

@@ -1,0 +1,87 @@
+"""Low-rank joint factorisation of the NoPE keys and the values into one latent: [K_nope ; V] ~ W_UKV W_DKV.
+
+M = [alpha K_nope ; V]  (2 H_kv D rows, hidden cols). For a rank r, with U_r an orthonormal basis of r output
+directions, W_DKV = U_r^T M (the latent c = W_DKV x is the coordinates of the K/V vector in that basis) and
+W_UKV = U_r, so K_nope ~ U_r,K W_DKV / alpha and V ~ U_r,V W_DKV.
+
+    svd  U_r = top-r left singular vectors of M: best rank-r approximation of the weights (data-free).
+    pca  U_r = top-r eigenvectors of M Sigma M^T, Sigma = E[x x^T] over calibration attention inputs: minimises
+         E|(M - U_r U_r^T M) x|^2, i.e. PCA of the K/V activations. This is the same subspace as the whitened SVD
+         of M Sigma^(1/2) (SVD-LLM style), computed without a Cholesky factor.
+
+alpha (K/V balancing, TransMLA): sqrt(E|V x|^2 / E|K_nope x|^2), so neither part dominates the basis because of
+its scale; it changes which directions are kept, never the function at full rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FACTORIZATIONS = ("svd", "pca")
+
+
+@dataclass
+class JointKV:
+    """The full ordered basis of one layer (truncate with :meth:`factors`).
+
+    basis [2 H_kv D, R] orthonormal columns, energy [R] descending (squared singular values / PCA eigenvalues),
+    alpha: the K scale; key_rows: how many leading rows of the basis belong to K_nope.
+    """
+
+    basis: torch.Tensor
+    energy: torch.Tensor
+    alpha: float
+    key_rows: int
+    joint: torch.Tensor  # M [2 H_kv D, hidden]
+
+    def retained(self, rank: int) -> float:
+        """Fraction of the (weighted) energy kept at this rank."""
+        total = self.energy.sum()
+        return float(self.energy[:rank].sum() / total) if total > 0 else 1.0
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W_DKV [r, hidden], W_UK [H_kv D, r], W_UV [H_kv D, r]."""
+        basis = self.basis[:, :rank]
+        down = basis.T @ self.joint
+        return down, basis[: self.key_rows] / self.alpha, basis[self.key_rows :]
+
+
+def joint_kv(
+    k_nope: torch.Tensor,
+    v: torch.Tensor,
+    factorization: str = "svd",
+    moment: torch.Tensor | None = None,
+    balance: bool = True,
+) -> JointKV:
+    """k_nope, v: [H_kv D, hidden] (float64). moment: E[x x^T] [hidden, hidden] (needed for ``pca``)."""
+    if factorization not in FACTORIZATIONS:
+        raise ValueError(
+            f"unknown factorization {factorization!r}; choose one of {', '.join(FACTORIZATIONS)}"
+        )
+    if factorization == "pca" and moment is None:
+        raise ValueError(
+            "factorization='pca' needs calibration activations: pass calibration=... "
+            "(CLI: --calibration-data FILE...), or use factorization='svd'"
+        )
+    weight = moment if factorization == "pca" else None
+
+    def energy(w):
+        return (w @ weight * w).sum() if weight is not None else w.square().sum()
+
+    alpha = 1.0
+    if balance:
+        e_k, e_v = float(energy(k_nope)), float(energy(v))
+        if e_k > 0 and e_v > 0:
+            alpha = (e_v / e_k) ** 0.5
+    joint = torch.cat([alpha * k_nope, v])
+    if weight is None:
+        basis, singular, _ = torch.linalg.svd(joint, full_matrices=False)
+        values = singular.square()
+    else:
+        values, basis = torch.linalg.eigh(joint @ weight @ joint.T)
+        values, basis = values.flip(0).clamp_min(0), basis.flip(1)
+        basis = basis[:, : min(joint.shape)]
+        values = values[: min(joint.shape)]
+    return JointKV(basis=basis, energy=values, alpha=alpha, key_rows=k_nope.shape[0], joint=joint)

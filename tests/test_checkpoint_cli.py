@@ -1,0 +1,206 @@
+"""Folder-level conversion and the CLI: stock reload in a fresh process, atomic output, untouched source."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+
+import pytest
+import torch
+from conftest import NATIVE_FAMILIES, PYTHON, subprocess_env, tree_digest
+
+from hf_attn_swap.checkpoint import convert_checkpoint, load_causal_lm
+from hf_attn_swap.cli import main
+from hf_attn_swap.report import load_report
+
+STOCK_LOADER = textwrap.dedent(
+    """
+    import sys, torch
+
+    class BlockPlugin:  # prove stock transformers alone can load the output
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "hf_attn_swap":
+                raise ImportError("hf_attn_swap is blocked in this process")
+
+    sys.meta_path.insert(0, BlockPlugin())
+    from transformers import AutoModelForCausalLM
+    ids = torch.load(sys.argv[1])
+    out = {}
+    for folder in sys.argv[3:]:
+        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+        with torch.no_grad():
+            out[folder] = model(ids).logits
+    assert not any(m.startswith("hf_attn_swap") for m in sys.modules), "the plugin must not be needed"
+    torch.save(out, sys.argv[2])
+    """
+)
+
+
+def test_converted_checkpoints_reload_in_stock_transformers(saved_tiny, tmp_path):
+    """Every family: convert SRC -> OUT, then a fresh process WITHOUT hf_attn_swap reloads OUT with identical
+    logits to the in-memory converted model."""
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected, outs = {}, []
+    for family in NATIVE_FAMILIES:
+        src = saved_tiny(family, name=f"{family}-src", num_attention_heads=4, num_key_value_heads=4)
+        out = tmp_path / f"{family}-kv1"
+        report = convert_checkpoint(src, out, num_key_value_heads=1)
+        assert report.after == {"num_key_value_heads": 1}
+        assert load_report(out)["kv_bytes_per_token_after"] == report.kv_bytes_per_token_after
+        assert (out / "tokenizer.json").is_file()
+        model = load_causal_lm(out, attn_implementation="eager")
+        assert model.config.num_key_value_heads == 1
+        with torch.no_grad():
+            expected[str(out)] = model(ids).logits
+        outs.append(str(out))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = subprocess_env(PYTHONPATH="")
+    script = tmp_path / "stock_loader.py"
+    script.write_text(STOCK_LOADER)
+    subprocess.run(
+        [PYTHON, str(script), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt"), *outs],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    got = torch.load(tmp_path / "logits.pt")
+    for folder in outs:
+        torch.testing.assert_close(got[folder], expected[folder], atol=1e-6, rtol=0)
+
+
+def test_bad_inputs_write_nothing_and_leave_source_untouched(saved_tiny, tmp_path):
+    src = saved_tiny("llama", num_attention_heads=4, num_key_value_heads=4)
+    digest = tree_digest(src)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="does not divide"):
+        convert_checkpoint(src, out, num_key_value_heads=3)
+    with pytest.raises(ValueError, match="needs --num-kv-heads"):
+        convert_checkpoint(src, out)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        convert_checkpoint(src, out, num_key_value_heads=2, dtype="int8")
+    with pytest.raises(ValueError, match="overlaps the source"):
+        convert_checkpoint(src, src, num_key_value_heads=2, overwrite=True)
+    with pytest.raises(ValueError, match="overlaps the source"):
+        convert_checkpoint(src, src / "inside", num_key_value_heads=2)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert_checkpoint(tmp_path / "missing", out, num_key_value_heads=2)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        convert_checkpoint(tmp_path, out, num_key_value_heads=2)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial folders either
+    assert tree_digest(src) == digest
+
+
+def test_existing_output_needs_overwrite(saved_tiny, tmp_path):
+    src = saved_tiny("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert_checkpoint(src, out, num_key_value_heads=2)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert_checkpoint(src, out, num_key_value_heads=2, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_failure_while_saving_leaves_no_output(saved_tiny, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    src = saved_tiny("llama")
+    digest = tree_digest(src)
+
+    def broken_save(self, folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(src, tmp_path / "out", num_key_value_heads=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert tree_digest(src) == digest
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from transformers import PreTrainedModel
+    from hf_attn_swap.checkpoint import convert_checkpoint
+    real_save = PreTrainedModel.save_pretrained
+    def slow_save(self, folder, **kwargs):
+        real_save(self, folder, **kwargs)
+        Path(sys.argv[3]).write_text("saved")  # weights are on disk, the rest is not
+        time.sleep(60)
+    PreTrainedModel.save_pretrained = slow_save
+    convert_checkpoint(sys.argv[1], sys.argv[2], num_key_value_heads=2)
+    """
+)
+
+
+def test_kill_9_during_write_leaves_no_output(saved_tiny, tmp_path):
+    src = saved_tiny("llama")
+    digest = tree_digest(src)
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    proc = subprocess.Popen(
+        [PYTHON, "-c", KILLED_WRITER, str(src), str(out), str(marker)], env=subprocess_env()
+    )
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, "writer died before saving"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    assert tree_digest(src) == digest
+
+
+def test_cli_convert_and_errors(saved_tiny, tmp_path, capsys):
+    src = saved_tiny("qwen2", num_attention_heads=4, num_key_value_heads=2)
+    out = tmp_path / "mqa"
+    assert main(["convert", str(src), str(out), "--to", "gqa", "--num-kv-heads", "1"]) == 0
+    assert "num_key_value_heads=2 -> num_key_value_heads=1" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 1
+    assert main(["convert", str(src), str(tmp_path / "bad"), "--to", "gqa", "--num-kv-heads", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "larger than the current 2 KV heads" in err and "Valid choices" in err and "[1, 2]" in err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "convert",
+                str(src),
+                str(tmp_path / "bad"),
+                "--to",
+                "gqa",
+                "--num-kv-heads",
+                "1",
+                "--dtype",
+                "int4",
+            ]
+        )
+
+
+def test_console_entry_point_runs_as_module(tmp_path):
+    result = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "hf_attn_swap",
+            "convert",
+            str(tmp_path / "nope"),
+            str(tmp_path / "o"),
+            "--to",
+            "gqa",
+            "--num-kv-heads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "example-model smollm2" in result.stderr

@@ -1,0 +1,127 @@
+"""CLI: convert --to mla (both formats), bench, and bad input (clear error, nothing written, source untouched)."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_attn_swap.cli import main
+from hf_attn_swap.mla import MLAForCausalLM
+from hf_attn_swap.testing import tiny_model
+
+DATA_FREE = ["--factorization", "svd"]  # the tiny source has no tokenizer for calibration text
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("src") / "qwen2-tiny"
+    tiny_model("qwen2", num_attention_heads=4, num_key_value_heads=2).save_pretrained(folder)
+    return folder
+
+
+def digest(folder):
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
+    }
+
+
+def test_convert_to_stock_deepseek_v3(source, tmp_path):
+    out = tmp_path / "mla"
+    argv = ["convert", str(source), str(out), "--to", "mla", "--kv-lora-rank", "24", "--rope-dim", "8"]
+    assert main([*argv, *DATA_FREE]) == 0  # default rope selection "high": a DeepSeek ladder with theta'
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "DeepseekV3ForCausalLM" and model.config.kv_lora_rank == 24
+    report = json.loads((out / "conversion.json").read_text())
+    assert (
+        report["kv_bytes_per_token_after"] == (24 + 8) * 2 * 4
+        and report["kv_bytes_per_token_before"] == 2 * 2 * 16 * 2 * 4
+    )
+    assert (
+        report["details"]["format"] == "deepseek_v3" and report["details"]["deepseek_v3"]["latent_rank"] == 23
+    )
+    assert report["kv_reduction"] == 0.5
+
+
+def test_convert_to_plugin_format_with_energy_ranks(source, tmp_path):
+    out = tmp_path / "plugin"
+    argv = [
+        "convert",
+        str(source),
+        str(out),
+        "--to",
+        "mla",
+        "--kv-lora-rank",
+        "20",
+        "--rope-dim",
+        "4",
+        *DATA_FREE,
+    ]
+    assert (
+        main(argv + ["--format", "plugin", "--rank-allocation", "energy", "--num-rope-key-heads", "2"]) == 0
+    )
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model, MLAForCausalLM) and model.config.num_rope_key_heads == 2
+    assert (
+        json.loads((out / "conversion.json").read_text())["kv_bytes_per_token_after"]
+        == (2 * 20 + 2 * 2 * 4) * 4
+    )
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--kv-lora-rank", "0", "--rope-dim", "8"], "out of range"),
+        (["--kv-lora-rank", "66", "--rope-dim", "8"], "between 2 and 65"),
+        (["--kv-lora-rank", "65", "--rope-dim", "8", "--format", "plugin"], "between 1 and 64"),
+        (["--kv-lora-rank", "24", "--rope-dim", "7"], "must be even"),
+        (["--kv-lora-rank", "24", "--rope-dim", "32"], "larger than the 16 rotary dims"),
+        (["--kv-lora-rank", "24", "--rope-dim", "8", "--rope-selection", "norm"], "Use --format plugin"),
+        (["--kv-lora-rank", "24", "--rope-dim", "8", "--num-rope-key-heads", "2"], "Use --format plugin"),
+        (["--rope-dim", "8"], "needs --kv-lora-rank"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(source, tmp_path, capsys, extra, message):
+    before = digest(source)
+    out = tmp_path / "out"
+    assert main(["convert", str(source), str(out), "--to", "mla", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert digest(source) == before
+
+
+def test_unsupported_architecture_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "qwen3"
+    tiny_model("qwen3", num_attention_heads=4, num_key_value_heads=2).save_pretrained(src)
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--to", "mla", "--kv-lora-rank", "8", "--rope-dim", "8"]) == 2
+    assert "supports the Llama-style families llama, mistral, qwen2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bench_writes_measurements(source, tmp_path):
+    out = tmp_path / "mla"
+    main(
+        [
+            "convert",
+            str(source),
+            str(out),
+            "--to",
+            "mla",
+            "--kv-lora-rank",
+            "24",
+            "--rope-dim",
+            "8",
+            *DATA_FREE,
+        ]
+    )
+    report = tmp_path / "bench.json"
+    argv = ["bench", str(out), "--context", "40", "--new-tokens", "3", "--attn-implementation", "latent_sdpa"]
+    assert main(argv + ["--cache", "latent", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["cache_class"] == "LatentCache" and result["attn_implementation"] == "latent_sdpa"
+    assert result["cache_bytes"] == (40 + 3) * (24 + 8) * 2 * 4  # the last token's latent is cached too
+    assert result["decode_tokens_per_second"] > 0 and result["peak_rss_mib"] > 0
+    assert main(["bench", str(out), "--context", "0"]) == 2
+    assert torch.get_num_threads() >= 1
