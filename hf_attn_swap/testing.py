@@ -149,6 +149,7 @@ def save_tiny_checkpoint(folder, model_type: str = "llama", seed: int = 0, **con
 
     tokenizer = tiny_tokenizer()
     config_kwargs.setdefault("vocab_size", len(tokenizer))
+    config_kwargs.setdefault("max_position_embeddings", 4096)  # one token per character: long contexts
     model = tiny_model(model_type, seed=seed, attn_implementation="sdpa", **config_kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id

@@ -104,5 +104,6 @@ def test_local_task_documents_are_well_formed():
 
 def test_decode_speed_refuses_contexts_beyond_the_model(pair):
     model = load_causal_lm(pair[0])
-    with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
-        measure_decode_speed(model, 250, 16)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"exceeds the model's {limit} positions"):
+        measure_decode_speed(model, limit - 6, 16)
