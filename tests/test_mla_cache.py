@@ -111,6 +111,20 @@ def test_sampling_and_beam_search_match_dynamic_cache():
     )
 
 
+def test_generate_keeps_a_user_passed_cache():
+    """Only generate()'s own default cache becomes a LatentCache: a DynamicCache passed in is used and filled."""
+    model = mla_model(attn="latent_sdpa")
+    ids, mask = prompt()
+    default = model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True)
+    assert type(default.past_key_values) is LatentCache
+    for cache in (DynamicCache(), LatentCache(config=model.config)):
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=3, past_key_values=cache, return_dict_in_generate=True
+        )
+        assert out.past_key_values is cache and cache.get_seq_length() == 9 + 2  # the last token is not fed
+        assert torch.equal(out.sequences, default.sequences)
+
+
 @pytest.mark.parametrize("attn", ["eager", "latent_sdpa"])
 def test_left_padded_batch_equals_unpadded_rows(attn):
     model = mla_model(attn=attn)
