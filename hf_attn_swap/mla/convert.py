@@ -29,7 +29,7 @@ from ..report import ConversionReport
 from .budget import RANK_ALLOCATIONS, allocate_ranks
 from .factorize import FACTORIZATIONS, JointKV, joint_kv
 from .modeling import MLAAttention, MLAConfig, MLADecoderLayer, MLAForCausalLM, MLAModel
-from .rope import ROPE_SELECTIONS, pair_dims, rope_key_mixing, select_rope_pairs, validate_rope_dim
+from .rope import pair_dims, rope_key_mixing, select_rope_pairs, validate_rope_dim
 
 #: config fields of the Llama-style decoder that every format carries over unchanged
 DECODER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -119,7 +119,7 @@ def validate_mla_options(
             f"{layout.hidden_size}, 2 x {layout.num_key_value_heads} KV heads x head_dim {layout.head_dim}) for "
             f"this {layout.family} model"
         )
-    validate_rope_dim(layout, qk_rope_head_dim, rope_selection)
+    validate_rope_dim(layout, qk_rope_head_dim, rope_selection)  # also rejects an unknown rope selection
     rope_heads = _check_int("num_rope_key_heads", num_rope_key_heads)
     kv = layout.num_key_value_heads
     if rope_heads < 1 or kv % rope_heads:
@@ -134,10 +134,6 @@ def validate_mla_options(
     if rank_allocation not in RANK_ALLOCATIONS:
         raise ValueError(
             f"unknown rank allocation {rank_allocation!r}; choose one of {', '.join(RANK_ALLOCATIONS)}"
-        )
-    if rope_selection not in ROPE_SELECTIONS:
-        raise ValueError(
-            f"unknown rope selection {rope_selection!r}; choose one of {', '.join(ROPE_SELECTIONS)}"
         )
     return layout
 
