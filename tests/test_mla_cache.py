@@ -151,6 +151,22 @@ def test_crop_then_refeed_reproduces_logits():
     assert torch.allclose(again, full[:, 6:], atol=1e-5)
 
 
+def test_backward_through_cached_decode_steps_matches_dynamic_cache():
+    """In-place appends must not overwrite what autograd saved from earlier steps (latent_sdpa saves cache views)."""
+    model = mla_model(attn="latent_sdpa")
+    ids, _ = prompt(batch=2, length=8)
+    grads = {}
+    for name, cache in (("latent", LatentCache(config=model.config)), ("dynamic", DynamicCache())):
+        model.zero_grad()
+        outputs = [model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)]
+        for t in range(5, 8):
+            outputs.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True))
+        sum(out.logits.square().mean() for out in outputs).backward()
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+    for latent, dynamic in zip(grads["latent"], grads["dynamic"], strict=True):
+        assert torch.allclose(latent, dynamic, rtol=1e-4, atol=1e-6)
+
+
 def test_latent_and_rope_key_form_one_joint_key_row_per_token():
     """latent_sdpa decodes against [c ; k_rope] as one key of dim r + d_rope without copying the cache."""
     from hf_attn_swap.attention import _joint_view
