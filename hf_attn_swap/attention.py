@@ -144,7 +144,12 @@ def absorbed_attention(
 
 
 def _joint_view(latent: torch.Tensor, rope_key: torch.Tensor) -> torch.Tensor | None:
-    """[B, 1, S, r + d_rope] over the same memory when c and a single rope key sit side by side (LatentCache)."""
+    """[B, 1, S, r + d_rope] over the same memory when c and a single rope key sit side by side (LatentCache).
+
+    None under autograd: the view reaches past ``latent``'s own elements, which ``as_strided`` cannot back-propagate.
+    """
+    if torch.is_grad_enabled() and (latent.requires_grad or rope_key.requires_grad):
+        return None
     if rope_key.shape[1] != 1 or latent.stride(-1) != 1 or rope_key.stride(-1) != 1:
         return None
     same_rows = latent.stride(0) == rope_key.stride(0) and latent.stride(2) == rope_key.stride(2)

@@ -3,7 +3,8 @@
 Each :class:`LatentLayer` keeps one buffer [B, capacity, r + n * d_rope] per layer: the latent c [B, 1, S, r]
 and the n rope keys [B, n, S, d_rope] are views into it, so appending a decode step writes r + n * d_rope values
 per sequence instead of re-concatenating the whole cache (``DynamicLayer`` copies it every step). Capacity grows
-geometrically; ``nbytes()`` counts the cached tokens, ``allocated_nbytes()`` the buffer.
+geometrically; ``nbytes()`` counts the cached tokens, ``allocated_nbytes()`` the buffer. Under autograd (inputs
+that require grad) every update copies instead, as ``DynamicLayer`` does, so views saved by earlier steps stay valid.
 
 Works with the plugin MLA model and with stock ``deepseek_v3`` (whose attention calls
 ``past_key_values.update(normed_latent, k_rot, layer_idx)``), in ``generate()`` (greedy, sampling, beam search
@@ -65,7 +66,11 @@ class LatentLayer(CacheLayerMixin):
                 f"{tuple(key_states.shape)} and {tuple(value_states.shape)}. Use DynamicCache for other attention."
             )
         batch, new = key_states.shape[0], key_states.shape[2]
-        self._reserve(self.length + new)
+        # under autograd an earlier step may have saved a view of the buffer: write into a copy, never over it
+        tracked = torch.is_grad_enabled() and (
+            key_states.requires_grad or value_states.requires_grad or self.buffer.requires_grad
+        )
+        self._reserve(self.length + new, copy=tracked)
         end = self.length + new
         self.buffer[:, self.length : end, : self.latent_dim] = key_states[:, 0]
         self.buffer[:, self.length : end, self.latent_dim :] = value_states.transpose(1, 2).reshape(
@@ -74,12 +79,12 @@ class LatentLayer(CacheLayerMixin):
         self.length = end
         return self.keys, self.values
 
-    def _reserve(self, needed: int) -> None:
+    def _reserve(self, needed: int, copy: bool = False) -> None:
         capacity = self.buffer.shape[1]
-        if needed <= capacity:
+        if needed <= capacity and not copy:
             return
         # the first write allocates exactly (so one forward's cache holds no slack); later ones grow by >= 1/4
-        grown = needed if self.length == 0 else max(needed, capacity + max(capacity // 4, 64))
+        grown = needed if self.length == 0 or copy else max(needed, capacity + max(capacity // 4, 64))
         bigger = self.buffer.new_empty(self.buffer.shape[0], grown, self.buffer.shape[2])
         bigger[:, : self.length] = self.buffer[:, : self.length]
         self.buffer = bigger

@@ -106,7 +106,7 @@ def dominant_channel(weight: torch.Tensor, gamma: torch.Tensor, eps: float, dtyp
         raise ValueError(f"deepseek_v3 export supports float32, bfloat16, float16 and float64, not {dtype}")
     rank, hidden = weight.shape
     bound_c = float(
-        torch.linalg.matrix_norm(weight.detach().double() * gamma.detach().double(), ord=2)
+        torch.linalg.matrix_norm(weight.detach().double().cpu() * gamma.detach().double().cpu(), ord=2)
     ) * math.sqrt(hidden)
     bound_c = max(bound_c, 1e-30)
     kappa = math.sqrt(2 * target) * CONSTANT / bound_c
@@ -201,12 +201,15 @@ def to_deepseek_v3(model: nn.Module):
 
 
 def _attention_state(attn, gamma, ds_attn, prefix: str, bounds: list) -> dict:
-    """State-dict entries of one DeepseekV3Attention equal to the plugin ``attn`` (module docstring)."""
+    """State-dict entries of one DeepseekV3Attention equal to the plugin ``attn`` (module docstring).
+
+    Built in float64 on the CPU; ``load_state_dict`` copies them to the model's device and dtype.
+    """
     dtype = attn.q_proj.weight.dtype
     rank, hidden = attn.kv_lora_rank, attn.q_proj.weight.shape[1]
-    kv_a = attn.kv_a_proj_with_mqa.weight.double()
+    kv_a = attn.kv_a_proj_with_mqa.weight.double().cpu()
     kv_a_bias = attn.kv_a_proj_with_mqa.bias
-    kv_a_bias = torch.zeros(kv_a.shape[0], dtype=torch.float64) if kv_a_bias is None else kv_a_bias.double()
+    kv_a_bias = kv_a.new_zeros(kv_a.shape[0]) if kv_a_bias is None else kv_a_bias.double().cpu()
     if kv_a_bias[:rank].abs().max() > 0:
         raise ValueError("the latent has a bias; deepseek_v3 export expects a bias-free latent")
     eps = ds_attn.kv_a_layernorm.variance_epsilon
@@ -224,7 +227,7 @@ def _attention_state(attn, gamma, ds_attn, prefix: str, bounds: list) -> dict:
             [torch.full((rank,), kv["norm_weight"], dtype=torch.float64), kv_a.new_zeros(1)]
         ),
         f"{prefix}self_attn.kv_b_proj.weight": torch.cat(
-            [attn.kv_b_proj.weight.double(), kv_a.new_zeros(attn.kv_b_proj.weight.shape[0], 1)], dim=1
+            [attn.kv_b_proj.weight.double().cpu(), kv_a.new_zeros(attn.kv_b_proj.weight.shape[0], 1)], dim=1
         ),
         f"{prefix}self_attn.o_proj.weight": attn.o_proj.weight,
         f"{prefix}self_attn.o_proj.bias": (
@@ -253,7 +256,7 @@ def _attention_state(attn, gamma, ds_attn, prefix: str, bounds: list) -> dict:
                 ]
             ),
             f"{prefix}self_attn.q_b_proj.weight": torch.cat(
-                [attn.q_proj.weight.double(), attn.q_proj.bias.double()[:, None]], dim=1
+                [attn.q_proj.weight.double().cpu(), attn.q_proj.bias.double().cpu()[:, None]], dim=1
             ),
         }
     )

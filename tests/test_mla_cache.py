@@ -111,6 +111,20 @@ def test_sampling_and_beam_search_match_dynamic_cache():
     )
 
 
+def test_generate_keeps_a_user_passed_cache():
+    """Only generate()'s own default cache becomes a LatentCache: a DynamicCache passed in is used and filled."""
+    model = mla_model(attn="latent_sdpa")
+    ids, mask = prompt()
+    default = model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True)
+    assert type(default.past_key_values) is LatentCache
+    for cache in (DynamicCache(), LatentCache(config=model.config)):
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=3, past_key_values=cache, return_dict_in_generate=True
+        )
+        assert out.past_key_values is cache and cache.get_seq_length() == 9 + 2  # the last token is not fed
+        assert torch.equal(out.sequences, default.sequences)
+
+
 @pytest.mark.parametrize("attn", ["eager", "latent_sdpa"])
 def test_left_padded_batch_equals_unpadded_rows(attn):
     model = mla_model(attn=attn)
@@ -135,6 +149,22 @@ def test_crop_then_refeed_reproduces_logits():
         assert cache.get_seq_length() == 6
         again = model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits
     assert torch.allclose(again, full[:, 6:], atol=1e-5)
+
+
+def test_backward_through_cached_decode_steps_matches_dynamic_cache():
+    """In-place appends must not overwrite what autograd saved from earlier steps (latent_sdpa saves cache views)."""
+    model = mla_model(attn="latent_sdpa")
+    ids, _ = prompt(batch=2, length=8)
+    grads = {}
+    for name, cache in (("latent", LatentCache(config=model.config)), ("dynamic", DynamicCache())):
+        model.zero_grad()
+        outputs = [model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)]
+        for t in range(5, 8):
+            outputs.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True))
+        sum(out.logits.square().mean() for out in outputs).backward()
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+    for latent, dynamic in zip(grads["latent"], grads["dynamic"], strict=True):
+        assert torch.allclose(latent, dynamic, rtol=1e-4, atol=1e-6)
 
 
 def test_latent_and_rope_key_form_one_joint_key_row_per_token():

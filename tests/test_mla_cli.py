@@ -21,6 +21,13 @@ def source(tmp_path_factory):
     return folder
 
 
+def convert_argv(source, out, kv_lora_rank, rope_dim, *extra):
+    return [
+        "convert", str(source), str(out), "--to", "mla",
+        "--kv-lora-rank", str(kv_lora_rank), "--rope-dim", str(rope_dim), *extra,
+    ]  # fmt: skip
+
+
 def digest(folder):
     return {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
@@ -29,8 +36,8 @@ def digest(folder):
 
 def test_convert_to_stock_deepseek_v3(source, tmp_path):
     out = tmp_path / "mla"
-    argv = ["convert", str(source), str(out), "--to", "mla", "--kv-lora-rank", "24", "--rope-dim", "8"]
-    assert main([*argv, *DATA_FREE]) == 0  # default rope selection "high": a DeepSeek ladder with theta'
+    # default rope selection "high": a DeepSeek ladder with theta'
+    assert main(convert_argv(source, out, 24, 8, *DATA_FREE)) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "DeepseekV3ForCausalLM" and model.config.kv_lora_rank == 24
     report = json.loads((out / "conversion.json").read_text())
@@ -46,21 +53,8 @@ def test_convert_to_stock_deepseek_v3(source, tmp_path):
 
 def test_convert_to_plugin_format_with_energy_ranks(source, tmp_path):
     out = tmp_path / "plugin"
-    argv = [
-        "convert",
-        str(source),
-        str(out),
-        "--to",
-        "mla",
-        "--kv-lora-rank",
-        "20",
-        "--rope-dim",
-        "4",
-        *DATA_FREE,
-    ]
-    assert (
-        main(argv + ["--format", "plugin", "--rank-allocation", "energy", "--num-rope-key-heads", "2"]) == 0
-    )
+    extra = ["--format", "plugin", "--rank-allocation", "energy", "--num-rope-key-heads", "2"]
+    assert main(convert_argv(source, out, 20, 4, *DATA_FREE, *extra)) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, MLAForCausalLM) and model.config.num_rope_key_heads == 2
     assert (
@@ -102,20 +96,8 @@ def test_unsupported_architecture_writes_nothing(tmp_path, capsys):
 
 def test_bench_writes_measurements(source, tmp_path):
     out = tmp_path / "mla"
-    main(
-        [
-            "convert",
-            str(source),
-            str(out),
-            "--to",
-            "mla",
-            "--kv-lora-rank",
-            "24",
-            "--rope-dim",
-            "8",
-            *DATA_FREE,
-        ]
-    )
+    threads = torch.get_num_threads()
+    assert main(convert_argv(source, out, 24, 8, *DATA_FREE)) == 0
     report = tmp_path / "bench.json"
     argv = ["bench", str(out), "--context", "40", "--new-tokens", "3", "--attn-implementation", "latent_sdpa"]
     assert main(argv + ["--cache", "latent", "--json", str(report)]) == 0
@@ -124,4 +106,4 @@ def test_bench_writes_measurements(source, tmp_path):
     assert result["cache_bytes"] == (40 + 3) * (24 + 8) * 2 * 4  # the last token's latent is cached too
     assert result["decode_tokens_per_second"] > 0 and result["peak_rss_mib"] > 0
     assert main(["bench", str(out), "--context", "0"]) == 2
-    assert torch.get_num_threads() >= 1
+    assert torch.get_num_threads() == threads  # no --threads: torch's setting is left alone

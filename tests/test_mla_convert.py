@@ -50,7 +50,6 @@ def test_full_rank_all_rope_dims_reproduces_source(family, heads, kv, factorizat
 def test_shared_rope_key_is_exact_when_kv_heads_are_proportional_per_frequency():
     """RoRoPE: if head 1's slice at each rotary pair is a multiple of head 0's, one shared key loses nothing."""
     model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2).double()
-    k = model.model.layers[0].self_attn.k_proj.weight.data.view(2, 16, 64)
     for layer in model.model.layers:
         k = layer.self_attn.k_proj.weight.data.view(2, 16, 64)
         scale = torch.linspace(-2.0, 3.0, 8, dtype=torch.float64)  # one factor per rotary pair

@@ -175,6 +175,27 @@ def test_low_precision_export_stays_at_the_dtypes_rounding_level(dtype):
     assert export_error <= 3 * plugin_error + 1e-5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_convert_and_export_a_model_on_the_gpu():
+    """The float64 decompositions run on the CPU whatever the model's device; the results go back to it."""
+    from hf_attn_swap.calibration import collect_attention_inputs
+
+    cpu = tiny_model("qwen2", num_attention_heads=4, num_key_value_heads=2)
+    gpu = copy.deepcopy(cpu).cuda()
+    calibration = collect_attention_inputs(cpu, torch.arange(3, 99) % 128, window=48)
+    convert_to_mla(cpu, 24, 8, rope_selection="uniform", calibration=calibration)
+    convert_to_mla(gpu, 24, 8, rope_selection="uniform", calibration=[x.cuda() for x in calibration])
+    assert next(gpu.parameters()).is_cuda
+    ids, mask = padded_batch()
+    reference = logits(cpu, ids, mask)
+    on_gpu = logits(gpu, ids.cuda(), mask.cuda()).cpu()
+    assert relative(on_gpu, reference) <= 1e-4
+    exported, _ = to_deepseek_v3(gpu)
+    assert next(exported.parameters()).is_cuda
+    out = logits(exported, ids.cuda(), mask.cuda()).cpu()
+    assert relative(out[0], reference[0]) <= 1e-4 and relative(out[1, 3:], reference[1, 3:]) <= 1e-4
+
+
 def test_inexpressible_models_are_refused():
     model = converted("llama", 2, rank=12, rope_dim=4, num_rope_key_heads=2)
     with pytest.raises(ValueError, match="2 rope keys per layer.*--format plugin"):

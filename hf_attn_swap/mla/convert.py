@@ -17,19 +17,19 @@ The model becomes an :class:`~hf_attn_swap.mla.modeling.MLAForCausalLM` (plugin 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..architectures import AttentionLayout, UnsupportedArchitectureError, get_adapter
 from ..gqa.base import per_query_head
-from ..gqa.convert import _model_dtype, kv_bytes_per_token
+from ..gqa.convert import WEIGHT_NAMES, _cpu, _model_dtype, kv_bytes_per_token
 from ..report import ConversionReport
 from .budget import RANK_ALLOCATIONS, allocate_ranks
 from .factorize import FACTORIZATIONS, JointKV, joint_kv
 from .modeling import MLAAttention, MLAConfig, MLADecoderLayer, MLAForCausalLM, MLAModel
-from .rope import ROPE_SELECTIONS, pair_dims, rope_key_mixing, select_rope_pairs, validate_rope_dim
+from .rope import pair_dims, rope_key_mixing, select_rope_pairs, validate_rope_dim
 
 #: config fields of the Llama-style decoder that every format carries over unchanged
 DECODER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -119,7 +119,7 @@ def validate_mla_options(
             f"{layout.hidden_size}, 2 x {layout.num_key_value_heads} KV heads x head_dim {layout.head_dim}) for "
             f"this {layout.family} model"
         )
-    validate_rope_dim(layout, qk_rope_head_dim, rope_selection)
+    validate_rope_dim(layout, qk_rope_head_dim, rope_selection)  # also rejects an unknown rope selection
     rope_heads = _check_int("num_rope_key_heads", num_rope_key_heads)
     kv = layout.num_key_value_heads
     if rope_heads < 1 or kv % rope_heads:
@@ -134,10 +134,6 @@ def validate_mla_options(
     if rank_allocation not in RANK_ALLOCATIONS:
         raise ValueError(
             f"unknown rank allocation {rank_allocation!r}; choose one of {', '.join(RANK_ALLOCATIONS)}"
-        )
-    if rope_selection not in ROPE_SELECTIONS:
-        raise ValueError(
-            f"unknown rope selection {rope_selection!r}; choose one of {', '.join(ROPE_SELECTIONS)}"
         )
     return layout
 
@@ -165,14 +161,6 @@ def _with_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
 
 
-def _second_moment(inputs: torch.Tensor | None, hidden: int) -> torch.Tensor:
-    """E[x x^T] of [x ; 1] over calibration rows [N, hidden] (identity without calibration)."""
-    if inputs is None:
-        return torch.eye(hidden + 1, dtype=torch.float64)
-    x = torch.cat([inputs.double(), torch.ones(inputs.shape[0], 1, dtype=torch.float64)], dim=1)
-    return x.T @ x / x.shape[0]
-
-
 @dataclass
 class _LayerPlan:
     q_nope: torch.Tensor  # [H, D, hidden + 1]
@@ -189,14 +177,11 @@ def _plan_layer(
 ):
     h, kv_heads, d = weights.num_attention_heads, weights.num_key_value_heads, layout.head_dim
     hidden = layout.hidden_size
-    moment = _second_moment(inputs, hidden)
     q = _with_bias(weights.q, weights.q_bias)
     k = _with_bias(weights.k, weights.k_bias)
-    x = (
-        None
-        if inputs is None
-        else torch.cat([inputs.double(), torch.ones(inputs.shape[0], 1, dtype=q.dtype)], 1)
-    )
+    # calibration rows [x ; 1] and their second moment E[x x^T] (identity without calibration)
+    x = None if inputs is None else _with_bias(inputs.double().cpu(), torch.ones(len(inputs), dtype=q.dtype))
+    moment = torch.eye(hidden + 1, dtype=q.dtype) if x is None else x.T @ x / len(x)
     pairs = select_rope_pairs(rope_selection, layout, qk_rope_head_dim, q, k, x)
     first, second = pair_dims(layout, pairs)
     m, group = len(pairs), kv_heads // rope_heads
@@ -363,9 +348,12 @@ def convert_to_mla(
         for idx, attn in enumerate(attention):
             score_fold = float(attn.scaling) / new_scale
             inputs = None if calibration is None else calibration[idx]
+            # float64 on the CPU, where the calibration statistics live; build_attention copies back to the device
+            weights = adapter.read(attn).to(torch.float64)
+            weights = replace(weights, **{n: _cpu(getattr(weights, n)) for n in WEIGHT_NAMES})
             plans.append(
                 _plan_layer(
-                    adapter.read(attn).to(torch.float64),
+                    weights,
                     layout,
                     qk_rope_head_dim,
                     rope_selection,

@@ -253,8 +253,9 @@ class MLAForCausalLM(MLAPreTrainedModel, LlamaForCausalLM):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """``generate()``'s default cache becomes a :class:`LatentCache` (a user-passed cache is kept)."""
+        user_cache = model_kwargs.get("past_key_values")
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if type(model_kwargs.get("past_key_values")) is DynamicCache:
+        if user_cache is None and type(model_kwargs.get("past_key_values")) is DynamicCache:
             model_kwargs["past_key_values"] = LatentCache(config=self.config)
         return result
 
