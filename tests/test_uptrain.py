@@ -201,6 +201,10 @@ def test_resume_refuses_checkpoints_of_another_run(tiny, tmp_path):
         (["--block-size", "100000"], "less than one block"),
         (["--mode", "distill", "--teacher", "{missing}"], "does not exist"),
         (["--freeze", "no_such_parameter"], "match no parameter"),
+        (["--eval-tokens", "64", "--eval-data", "{missing}"], "does not exist"),
+        (["--warmup-ratio", "2"], "warmup_ratio is a fraction of the steps in [0, 1), got 2.0"),
+        (["--mode", "lora", "--trainable", "all"], "lora trains the attention layers only"),
+        (["--mode", "layerwise", "--trainable", "all"], "layerwise trains the attention layers only"),
     ],
 )
 def test_bad_input_fails_clearly_and_writes_nothing(tiny, tmp_path, capsys, flags, message):
