@@ -29,7 +29,9 @@ def tiny(tmp_path_factory):
     src, mqa = make_tiny_pair(root)
     data = root / "train.txt"
     data.write_text(sample_text("library", 30_000))
-    return {"root": root, "src": src, "mqa": mqa, "data": data}
+    heldout = root / "heldout.txt"
+    heldout.write_text(sample_text("tutorial", 30_000))
+    return {"root": root, "src": src, "mqa": mqa, "data": data, "heldout": heldout}
 
 
 def config(tiny, out, **kw):
@@ -55,8 +57,10 @@ ATTENTION = (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.")
 
 @pytest.mark.parametrize("mode", ["layerwise", "lora", "distill", "full"])
 def test_mode_trains_and_keeps_the_converted_format(tiny, tmp_path, mode):
+    """Every mode lowers held-out perplexity (the slow SmolLM2 test checks by how much)."""
     before = folder_digest(tiny["mqa"])
-    record = uptrain(config(tiny, tmp_path / "out", mode=mode))
+    heldout = dict(eval_data=[str(tiny["heldout"])], eval_tokens=512, eval_window=128)
+    record = uptrain(config(tiny, tmp_path / "out", mode=mode, **heldout))
     out = tmp_path / "out"
     assert folder_digest(tiny["mqa"]) == before, "the source checkpoint was modified"
     assert not (tmp_path / "out.checkpoints").exists()
@@ -75,6 +79,8 @@ def test_mode_trains_and_keeps_the_converted_format(tiny, tmp_path, mode):
     assert report["target"] == "gqa" and report["training"][-1]["mode"] == mode
     assert record["tokens_trained"] == 12 * 64 and record["steps"] == 12
     assert record["teacher"] == (str(tiny["src"].resolve()) if mode in ("layerwise", "distill") else None)
+    assert record["eval_after"]["perplexity"] < record["eval_before"]["perplexity"], "held-out perplexity"
+    assert record["eval_after"]["tokens"] == record["eval_before"]["tokens"] > 0
 
     old, new = weights(tiny["mqa"]), weights(out)
     changed = {k for k in old if not torch.equal(old[k], new[k])}
