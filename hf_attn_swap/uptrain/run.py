@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import copy_tokenizer_files, load_causal_lm, load_tokenizer
 from ..data import default_eval_files, default_train_files, resolve_text_files
-from ..io import atomic_output_dir, check_output, check_source
+from ..io import atomic_output_dir, check_output, check_source, overlaps
 from ..report import REPORT_FILE, load_report
 from .base import Objective, freeze_matching
 from .config import UptrainConfig
@@ -53,11 +53,6 @@ def cpu_only() -> bool:
     return not (
         torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu and xpu.is_available())
     )
-
-
-def _overlaps(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
 
 
 def _normalised(config: UptrainConfig) -> UptrainConfig:
@@ -103,11 +98,11 @@ def validate(config: UptrainConfig) -> tuple[Objective, Path, Path, Path | None,
     teacher = resolve_teacher(config.teacher, model, config.mode) if objective.needs_teacher else None
     checkpoints = config.checkpoint_path()
     for name, path in (("model", model), ("teacher", teacher)):
-        if path is not None and (_overlaps(output, path) or _overlaps(checkpoints, path)):
+        if path is not None and (overlaps(output, path) or overlaps(checkpoints, path)):
             raise ValueError(
                 f"output/checkpoint folders must not overlap the {name} checkpoint {str(path)!r}"
             )
-    if _overlaps(checkpoints, output):
+    if overlaps(checkpoints, output):
         raise ValueError("the checkpoint folder must not be inside OUTPUT (OUTPUT is written in one step)")
     if config.eval_tokens and config.eval_tokens < 2:
         raise ValueError(f"eval_tokens must be 0 (off) or at least 2, got {config.eval_tokens}")
