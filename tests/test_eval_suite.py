@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from _recipes_fixtures import make_tiny_pair, sample_text
+from _recipes_fixtures import make_tiny_setup, sample_text
 
 from hf_attn_swap.checkpoint import load_causal_lm, load_tokenizer
 from hf_attn_swap.cli import main as cli_main
@@ -18,11 +18,8 @@ from hf_attn_swap.speed import measure_decode_speed
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalsuite")
-    src, mqa = make_tiny_pair(root)
-    text = root / "heldout.txt"
-    text.write_text(sample_text("tutorial", 60_000))
-    return src, mqa, text
+    setup = make_tiny_setup(tmp_path_factory.mktemp("evalsuite"))
+    return setup["src"], setup["mqa"], setup["heldout"]
 
 
 def test_single_model_json_keeps_the_eval_contract(pair, tmp_path):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from _recipes_fixtures import REPO, folder_digest, make_tiny_pair, sample_text
+from _recipes_fixtures import REPO, folder_digest, make_tiny_setup, sample_text
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -25,13 +25,7 @@ from hf_attn_swap.uptrain.layerwise import attention_on_inputs, capture_attentio
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("uptrain")
-    src, mqa = make_tiny_pair(root)
-    data = root / "train.txt"
-    data.write_text(sample_text("library", 30_000))
-    heldout = root / "heldout.txt"
-    heldout.write_text(sample_text("tutorial", 30_000))
-    return {"root": root, "src": src, "mqa": mqa, "data": data, "heldout": heldout}
+    return make_tiny_setup(tmp_path_factory.mktemp("uptrain"))
 
 
 def config(tiny, out, **kw):
