@@ -216,7 +216,7 @@ def push_to_hub(
             "no Hugging Face token found: run `hf auth login` or set the HF_TOKEN environment variable"
         )
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    repo_url = _create_repo(api, repo_id, private)
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     operations = [
@@ -233,3 +233,27 @@ def push_to_hub(
         revision=revision,
     )
     return {**result, "repo_url": str(repo_url), "commit_url": commit.commit_url, "card": card}
+
+
+def _create_repo(api, repo_id: str, private: bool):
+    """``create_repo(exist_ok=True)``, except that ``private`` never uploads into an existing public repo."""
+    from huggingface_hub import RepoUrl
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not private:
+        return api.create_repo(repo_id, private=False, exist_ok=True, repo_type="model")
+    try:
+        return api.create_repo(repo_id, private=True, repo_type="model")
+    except HfHubHTTPError as err:  # 409: it exists; 401/402/403: it may exist (as create_repo's exist_ok)
+        if err.response is None or err.response.status_code not in (401, 402, 403, 409):
+            raise
+        try:
+            info = api.repo_info(repo_id, repo_type="model")
+        except HfHubHTTPError:
+            raise err from None
+    if not info.private:
+        raise ValueError(
+            f"--private: the repository {repo_id} already exists and is public; make it private on the Hub "
+            "first, or push without --private"
+        )
+    return RepoUrl(f"{api.endpoint}/{repo_id}", endpoint=api.endpoint)

@@ -51,12 +51,17 @@ def check_source(src: str | Path) -> Path:
     return path
 
 
+def overlaps(a: str | Path, b: str | Path) -> bool:
+    """Whether two folders are the same or one lies inside the other (after resolving links)."""
+    a, b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def check_output(out: str | Path, src: str | Path | None = None, overwrite: bool = False) -> Path:
     """Refuse outputs that would clobber something: an existing OUT (unless ``overwrite``) or the source."""
     out = Path(out).expanduser()
     if src is not None:
-        s, o = Path(src).expanduser().resolve(), out.resolve()
-        if o == s or s in o.parents or o in s.parents:
+        if overlaps(out, src):
             raise ValueError(
                 f"output {str(out)!r} overlaps the source checkpoint {str(src)!r}: choose another OUT"
             )

@@ -160,24 +160,8 @@ def run_lm_eval(
             "lm-eval tasks need lm-evaluation-harness: pip install 'lm-eval>=0.4.5'"
         ) from err
 
-    paths = [Path(p).expanduser() for p in include_path or []]
-    names = []
-    for task in tasks:
-        path = Path(task).expanduser()
-        if path.suffix in (".yaml", ".yml") and path.is_file():
-            paths.append(path.parent)
-            names.append(_yaml_task_name(path))
-        elif path.is_dir():
-            paths.append(path)
-            names.extend(_yaml_task_name(p) for p in sorted(path.glob("*.yaml")))
-        else:
-            names.append(task)
-    if any(n in LOCAL_TASKS for n in names):
-        paths.append(build_local_tasks(data))
-    hub = [n for n in names if n not in LOCAL_TASKS and not paths]
-    manager = TaskManager(
-        include_path=[str(p) for p in paths] or None, include_defaults=bool(hub) or not paths
-    )
+    names, paths, registry = task_sources(tasks, data, include_path)
+    manager = TaskManager(include_path=[str(p) for p in paths] or None, include_defaults=registry)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     out = simple_evaluate(
         model=lm,
@@ -198,6 +182,32 @@ def run_lm_eval(
         }
         results[task]["samples"] = out.get("n-samples", {}).get(task, {}).get("effective")
     return results
+
+
+def task_sources(
+    tasks: list[str], data=None, include_path: list[str | Path] | None = None
+) -> tuple[list[str], list[Path], bool]:
+    """(task names, folders for lm-eval's ``include_path``, whether lm-eval's own registry is needed).
+
+    Task YAML files and folders become include paths; ``LOCAL_TASKS`` are built from ``data``; every other
+    name is a registry task, so the (slow to index) registry is loaded only when such a name is asked for.
+    """
+    paths = [Path(p).expanduser() for p in include_path or []]
+    names, registry = [], False
+    for task in tasks:
+        path = Path(task).expanduser()
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            paths.append(path.parent)
+            names.append(_yaml_task_name(path))
+        elif path.is_dir():
+            paths.append(path)
+            names.extend(_yaml_task_name(p) for p in sorted(path.glob("*.yaml")))
+        else:
+            names.append(task)
+            registry = registry or task not in LOCAL_TASKS
+    if any(n in LOCAL_TASKS for n in names):
+        paths.append(build_local_tasks(data))
+    return names, paths, registry or not paths
 
 
 def _yaml_task_name(path: Path) -> str:

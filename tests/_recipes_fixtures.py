@@ -30,6 +30,15 @@ def make_tiny_pair(root: Path) -> tuple[Path, Path]:
     return src, root / "tiny-mqa"
 
 
+def make_tiny_setup(root: Path, chars: int = 60_000) -> dict[str, Path]:
+    """``make_tiny_pair`` plus ``train.txt`` (library docs) and held-out ``heldout.txt`` (tutorial)."""
+    src, mqa = make_tiny_pair(root)
+    data, heldout = root / "train.txt", root / "heldout.txt"
+    data.write_text(sample_text("library", chars))
+    heldout.write_text(sample_text("tutorial", chars))
+    return {"root": root, "src": src, "mqa": mqa, "data": data, "heldout": heldout}
+
+
 def folder_digest(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -1,7 +1,7 @@
 """A minimal local stand-in for the Hugging Face Hub HTTP API, recording every request huggingface_hub sends.
 
-It implements what ``create_repo``, ``create_branch`` and ``create_commit`` call (huggingface_hub 2.x with Xet
-disabled): repo creation, branch creation, README metadata validation, preupload (LFS for ``*.safetensors``,
+It implements what ``create_repo``, ``repo_info``, ``create_branch`` and ``create_commit`` call (huggingface_hub 2.x with Xet
+disabled): repo creation and info, branch creation, README metadata validation, preupload (LFS for ``*.safetensors``,
 regular otherwise), the git-LFS batch API with basic PUT transfers, and the NDJSON commit endpoint. Any other
 request is answered 404 and recorded, so a test sees unexpected calls. It binds to 127.0.0.1 only.
 """
@@ -149,6 +149,11 @@ def _handler(state: HubState):
 
         def do_GET(self):
             self._record(b"")
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)", self.path.split("?")[0]):
+                repo = state.repos.get(m.group(1))
+                if repo is None:
+                    return self._send(404, {"error": "Repository not found"})
+                return self._send(200, {"id": m.group(1), "private": repo["private"], "sha": "0" * 40})
             self._send(404, {"error": f"not implemented: GET {self.path}"})
 
     return Handler

@@ -8,21 +8,18 @@ import math
 
 import pytest
 import torch
-from _recipes_fixtures import make_tiny_pair, sample_text
+from _recipes_fixtures import make_tiny_setup, sample_text
 
 from hf_attn_swap.checkpoint import load_causal_lm, load_tokenizer
 from hf_attn_swap.cli import main as cli_main
-from hf_attn_swap.lm_eval_tasks import run_lm_eval, task_documents
+from hf_attn_swap.lm_eval_tasks import run_lm_eval, task_documents, task_sources
 from hf_attn_swap.speed import measure_decode_speed
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalsuite")
-    src, mqa = make_tiny_pair(root)
-    text = root / "heldout.txt"
-    text.write_text(sample_text("tutorial", 60_000))
-    return src, mqa, text
+    setup = make_tiny_setup(tmp_path_factory.mktemp("evalsuite"))
+    return setup["src"], setup["mqa"], setup["heldout"]
 
 
 def test_single_model_json_keeps_the_eval_contract(pair, tmp_path):
@@ -100,6 +97,25 @@ def test_local_task_documents_are_well_formed():
         assert doc["context"] and not doc["context"].endswith(doc["choices"][doc["label"]])
     assert all(d["target"].startswith(" ") and d["target"][1:].isalpha() for d in lastword)
     assert task_documents(sample_text("tutorial", 60_000), max_docs=50) == (mc, lastword)
+
+
+def test_registry_tasks_are_found_next_to_local_ones(pair, tmp_path):
+    """A registry name (``arc_easy``) asked for together with a local task or a task YAML still gets lm-eval's
+    own registry indexed; local tasks alone do not (indexing it is slow)."""
+    _, _, text = pair
+    custom = tmp_path / "custom.yaml"
+    custom.write_text("task: my_task\n")
+    assert task_sources(["hfas_text_mc"], [text])[2] is False
+    assert task_sources([str(custom)], [text])[:2] == (["my_task"], [tmp_path])
+    assert task_sources([str(custom)], [text])[2] is False
+    for tasks in (["hfas_text_mc", "arc_easy"], [str(custom), "arc_easy"], ["arc_easy"]):
+        assert task_sources(tasks, [text])[2] is True, tasks
+
+    from lm_eval.tasks import TaskManager
+
+    names, paths, registry = task_sources(["hfas_text_mc", "arc_easy"], [text])
+    manager = TaskManager(include_path=[str(p) for p in paths], include_defaults=registry)
+    assert set(names) <= set(manager.all_tasks)
 
 
 def test_decode_speed_refuses_contexts_beyond_the_model(pair):

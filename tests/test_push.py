@@ -106,6 +106,26 @@ def test_push_uploads_the_folder_with_a_model_card(converted, tmp_path):
     assert set(state.repos["me/tiny-mqa"]["branches"]["v2"]) == expected
 
 
+def test_private_push_never_lands_in_an_existing_public_repo(converted, tmp_path):
+    with LocalHub() as hub:
+        public = push(converted, hub.url, "--repo-id", "me/public", home=tmp_path)
+        refused = push(converted, hub.url, "--repo-id", "me/public", "--private", home=tmp_path)
+        fresh = push(converted, hub.url, "--repo-id", "me/secret", "--private", home=tmp_path)
+        again = push(converted, hub.url, "--repo-id", "me/secret", "--private", home=tmp_path)
+    for proc in (public, fresh, again):
+        assert proc.returncode == 0, proc.stderr
+    assert refused.returncode == 2 and "me/public already exists and is public" in refused.stderr
+    for proc in (public, refused, fresh, again):
+        assert TOKEN not in proc.stdout + proc.stderr
+    assert [(c["repo_id"], c["revision"]) for c in hub.state.commits] == [
+        ("me/public", "main"),
+        ("me/secret", "main"),
+        ("me/secret", "main"),
+    ]
+    assert hub.state.repos["me/public"]["private"] is False
+    assert hub.state.repos["me/secret"]["private"] is True
+
+
 def test_push_refuses_pickle_only_folders_and_missing_tokens(converted, tmp_path, capsys, monkeypatch):
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from _recipes_fixtures import REPO, make_tiny_pair, sample_text
+from _recipes_fixtures import REPO, make_tiny_setup
 
 from hf_attn_swap.uptrain import MODES, UptrainConfig
 
@@ -35,9 +35,7 @@ def test_configs_are_valid(path):
 
 
 def test_uptrain_recipe_converts_then_trains_then_evaluate_recipe_reports(tmp_path, capsys):
-    src, _ = make_tiny_pair(tmp_path)
-    (tmp_path / "train.txt").write_text(sample_text("library", 20_000))
-    (tmp_path / "heldout.txt").write_text(sample_text("tutorial", 20_000))
+    src = make_tiny_setup(tmp_path)["src"]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump(
@@ -91,8 +89,7 @@ def test_uptrain_recipe_under_torchrun_with_two_cpu_processes(tmp_path):
     import subprocess
     import sys
 
-    _, mqa = make_tiny_pair(tmp_path)
-    (tmp_path / "train.txt").write_text(sample_text("library", 20_000))
+    mqa = make_tiny_setup(tmp_path)["mqa"]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump(

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from _recipes_fixtures import REPO, folder_digest, make_tiny_pair, sample_text
+from _recipes_fixtures import REPO, folder_digest, make_tiny_setup, sample_text
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -25,11 +25,7 @@ from hf_attn_swap.uptrain.layerwise import attention_on_inputs, capture_attentio
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("uptrain")
-    src, mqa = make_tiny_pair(root)
-    data = root / "train.txt"
-    data.write_text(sample_text("library", 30_000))
-    return {"root": root, "src": src, "mqa": mqa, "data": data}
+    return make_tiny_setup(tmp_path_factory.mktemp("uptrain"))
 
 
 def config(tiny, out, **kw):
@@ -55,8 +51,10 @@ ATTENTION = (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.")
 
 @pytest.mark.parametrize("mode", ["layerwise", "lora", "distill", "full"])
 def test_mode_trains_and_keeps_the_converted_format(tiny, tmp_path, mode):
+    """Every mode lowers held-out perplexity (the slow SmolLM2 test checks by how much)."""
     before = folder_digest(tiny["mqa"])
-    record = uptrain(config(tiny, tmp_path / "out", mode=mode))
+    heldout = dict(eval_data=[str(tiny["heldout"])], eval_tokens=512, eval_window=128)
+    record = uptrain(config(tiny, tmp_path / "out", mode=mode, **heldout))
     out = tmp_path / "out"
     assert folder_digest(tiny["mqa"]) == before, "the source checkpoint was modified"
     assert not (tmp_path / "out.checkpoints").exists()
@@ -75,6 +73,8 @@ def test_mode_trains_and_keeps_the_converted_format(tiny, tmp_path, mode):
     assert report["target"] == "gqa" and report["training"][-1]["mode"] == mode
     assert record["tokens_trained"] == 12 * 64 and record["steps"] == 12
     assert record["teacher"] == (str(tiny["src"].resolve()) if mode in ("layerwise", "distill") else None)
+    assert record["eval_after"]["perplexity"] < record["eval_before"]["perplexity"], "held-out perplexity"
+    assert record["eval_after"]["tokens"] == record["eval_before"]["tokens"] > 0
 
     old, new = weights(tiny["mqa"]), weights(out)
     changed = {k for k in old if not torch.equal(old[k], new[k])}
@@ -201,6 +201,10 @@ def test_resume_refuses_checkpoints_of_another_run(tiny, tmp_path):
         (["--block-size", "100000"], "less than one block"),
         (["--mode", "distill", "--teacher", "{missing}"], "does not exist"),
         (["--freeze", "no_such_parameter"], "match no parameter"),
+        (["--eval-tokens", "64", "--eval-data", "{missing}"], "does not exist"),
+        (["--warmup-ratio", "2"], "warmup_ratio is a fraction of the steps in [0, 1), got 2.0"),
+        (["--mode", "lora", "--trainable", "all"], "lora trains the attention layers only"),
+        (["--mode", "layerwise", "--trainable", "all"], "layerwise trains the attention layers only"),
     ],
 )
 def test_bad_input_fails_clearly_and_writes_nothing(tiny, tmp_path, capsys, flags, message):

@@ -19,7 +19,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from .base import Objective, attention_modules, set_trainable, unwrap
+from .base import Objective, attention_modules, unwrap
 
 
 class _Zero(nn.Module):
@@ -129,14 +129,6 @@ class Layerwise(Objective):
     default_learning_rate = 1e-3
     #: replacing modules is unsafe when a wrapper (FSDP, DeepSpeed ZeRO-3) has flattened the parameters
     skip_mlps = True
-
-    def prepare(self, model, config):
-        if (config.trainable or "attention") != "attention":
-            raise ValueError(
-                "layerwise trains the attention layers only: leave trainable unset or 'attention'"
-            )
-        set_trainable(model, "attention")
-        return model
 
     def loss(self, model, input_ids, teacher, config):
         inputs, targets = capture_attention(teacher, input_ids)

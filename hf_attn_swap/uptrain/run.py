@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import copy_tokenizer_files, load_causal_lm, load_tokenizer
-from ..data import default_train_files, resolve_text_files
-from ..io import atomic_output_dir, check_output, check_source
+from ..data import default_eval_files, default_train_files, resolve_text_files
+from ..io import atomic_output_dir, check_output, check_source, overlaps
 from ..report import REPORT_FILE, load_report
 from .base import Objective, freeze_matching
 from .config import UptrainConfig
@@ -55,11 +55,6 @@ def cpu_only() -> bool:
     )
 
 
-def _overlaps(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
-
-
 def _normalised(config: UptrainConfig) -> UptrainConfig:
     """Absolute paths, so a resumed run is recognised whatever the working directory."""
 
@@ -91,25 +86,33 @@ def validate(config: UptrainConfig) -> tuple[Objective, Path, Path, Path | None,
             raise ValueError(f"{key} must be at least 1, got {getattr(config, key)}")
     if config.trainable not in (None, "attention", "all"):
         raise ValueError(f"trainable must be 'attention' or 'all', got {config.trainable!r}")
+    if objective.default_trainable == "attention" and config.trainable not in (None, "attention"):
+        raise ValueError(
+            f"{config.mode} trains the attention layers only: leave trainable unset or 'attention'"
+        )
+    if not 0 <= config.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio is a fraction of the steps in [0, 1), got {config.warmup_ratio}")
     model = check_source(config.model)
     output = check_output(config.output, src=model, overwrite=config.overwrite)
     files = resolve_text_files(config.data or default_train_files())
     teacher = resolve_teacher(config.teacher, model, config.mode) if objective.needs_teacher else None
     checkpoints = config.checkpoint_path()
     for name, path in (("model", model), ("teacher", teacher)):
-        if path is not None and (_overlaps(output, path) or _overlaps(checkpoints, path)):
+        if path is not None and (overlaps(output, path) or overlaps(checkpoints, path)):
             raise ValueError(
                 f"output/checkpoint folders must not overlap the {name} checkpoint {str(path)!r}"
             )
-    if _overlaps(checkpoints, output):
+    if overlaps(checkpoints, output):
         raise ValueError("the checkpoint folder must not be inside OUTPUT (OUTPUT is written in one step)")
     if config.eval_tokens and config.eval_tokens < 2:
         raise ValueError(f"eval_tokens must be 0 (off) or at least 2, got {config.eval_tokens}")
+    if config.eval_tokens:
+        resolve_text_files(config.eval_data or default_eval_files())
     return objective, model, output, teacher, files
 
 
 def _eval_perplexity(model, tokenizer, config: UptrainConfig) -> dict:
-    from ..data import default_eval_files, load_token_ids
+    from ..data import load_token_ids
     from ..evaluation import evaluate_models
 
     ids = load_token_ids(tokenizer, config.eval_data or default_eval_files(), config.eval_tokens)
