@@ -315,9 +315,12 @@ def _cmd_uptrain(args) -> int:
         config = UptrainConfig.from_dict(given)
     record = uptrain(config)
     if record is not None:
+        first, final = (
+            "n/a" if record[k] is None else f"{record[k]:.4g}" for k in ("first_loss", "final_loss")
+        )
         print(
             f"{config.mode}: {record['tokens_trained']} tokens in {record['wall_seconds']} s, loss "
-            f"{record['first_loss']:.4g} -> {record['final_loss']:.4g}; saved to {config.output}"
+            f"{first} -> {final}; saved to {config.output}"
         )
         if args.json:
             print(

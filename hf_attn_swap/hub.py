@@ -16,19 +16,23 @@ from .io import check_source
 from .report import load_report
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_INDEX_SUFFIXES = tuple(
+    f"{suffix}.index.json" for suffix in PICKLE_SUFFIXES
+)  # shard maps of skipped files
 #: attention implementation the card recommends per conversion target (``conversion.json`` may name its own)
 RECOMMENDED_ATTENTION = {"mla": "latent_sdpa"}
 EVAL_FILE = "eval.json"
 
 
 def files_to_upload(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(files to upload, pickle files skipped): every non-hidden file under ``folder``, sorted."""
+    """(files to upload, pickle files and their shard indexes skipped): every non-hidden file under ``folder``, sorted."""
     keep, skipped = [], []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if not path.is_file() or any(part.startswith(".") for part in rel.parts):
             continue
-        (skipped if path.suffix in PICKLE_SUFFIXES else keep).append(path)
+        pickled = path.suffix in PICKLE_SUFFIXES or path.name.endswith(PICKLE_INDEX_SUFFIXES)
+        (skipped if pickled else keep).append(path)
     if not any(p.suffix == ".safetensors" for p in keep):
         found = ", ".join(p.name for p in skipped) or "none"
         raise ValueError(
@@ -217,10 +221,11 @@ def push_to_hub(
         )
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     repo_url = _create_repo(api, repo_id, private)
-    if revision and revision != "main":
+    if revision and revision != "main" and not revision.startswith("refs/pr/"):  # a PR ref exists already
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     operations = [
-        CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p)) for p in files
+        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+        for p in files
     ]
     if card is not None:
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))

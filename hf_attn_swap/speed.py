@@ -14,6 +14,16 @@ import torch
 from .evaluation import cache_nbytes
 
 
+def pad_token_id(generation_config) -> int:
+    """The pad id ``generate`` needs for batch-1 greedy decoding: pad, else (the first) eos, else 0."""
+    for candidate in (generation_config.pad_token_id, generation_config.eos_token_id):
+        if isinstance(candidate, (list, tuple)):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def _timed_generate(model, ids, new_tokens: int, repeats: int) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -25,7 +35,7 @@ def _timed_generate(model, ids, new_tokens: int, repeats: int) -> tuple[float, o
             min_new_tokens=new_tokens,
             do_sample=False,
             return_dict_in_generate=True,
-            pad_token_id=model.generation_config.pad_token_id or model.generation_config.eos_token_id or 0,
+            pad_token_id=pad_token_id(model.generation_config),
         )
         best = min(best, time.perf_counter() - start)
     return best, out

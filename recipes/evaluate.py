@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    config = load_recipe_yaml(args.config, args.overrides)
+    config = load_recipe_yaml(args.config, args.overrides, required=("models",))
     unknown = set(config) - {"models", "reference", "output", *SUITE_KEYS}
     if unknown:
         raise SystemExit(f"unknown keys in {args.config}: {sorted(unknown)}")

@@ -123,3 +123,14 @@ def test_decode_speed_refuses_contexts_beyond_the_model(pair):
     limit = model.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"exceeds the model's {limit} positions"):
         measure_decode_speed(model, limit - 6, 16)
+
+
+@pytest.mark.parametrize(
+    "pad, eos, expected", [(0, 2, 0), (None, 2, 2), (None, [7, 2], 7), (None, None, 0), (5, [7], 5)]
+)
+def test_decode_pad_id_keeps_zero_and_takes_the_first_eos(pad, eos, expected):
+    from transformers import GenerationConfig
+
+    from hf_attn_swap.speed import pad_token_id
+
+    assert pad_token_id(GenerationConfig(pad_token_id=pad, eos_token_id=eos)) == expected

@@ -162,3 +162,19 @@ def test_model_card_for_a_plugin_format_points_to_the_plugin(converted, tmp_path
     (folder / "conversion.json").write_text(json.dumps(report))
     card = model_card(folder, "me/mla")
     assert "Stock transformers" in card and 'attn_implementation="latent_sdpa"' in card
+
+
+def test_pickle_shard_indexes_are_skipped_with_their_shards(tmp_path):
+    from hf_attn_swap.hub import files_to_upload
+
+    for name in ("model.safetensors", "pytorch_model.bin", "pytorch_model.bin.index.json", "config.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.txt").write_text("x")
+    keep, skipped = files_to_upload(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in keep] == [
+        "config.json",
+        "model.safetensors",
+        "sub/notes.txt",
+    ]
+    assert sorted(p.name for p in skipped) == ["pytorch_model.bin", "pytorch_model.bin.index.json"]

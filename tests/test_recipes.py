@@ -110,3 +110,17 @@ def test_uptrain_recipe_under_torchrun_with_two_cpu_processes(tmp_path):
     record = json.loads((tmp_path / "out" / "training_log.json").read_text())["record"]
     assert record["world_size"] == 2 and record["steps"] == 8 and record["tokens_per_step"] == 128
     assert proc.stdout.count('"tokens_trained": 1024') == 1
+
+
+@pytest.mark.parametrize(
+    "script, text, message",
+    [
+        ("uptrain", "mode: layerwise\nmax_tokens: 1024\noutput: out\n", "does not set model"),
+        ("evaluate", "reference: example:smollm2\n", "does not set models"),
+    ],
+)
+def test_recipe_without_its_required_keys_names_the_key(tmp_path, script, text, message):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_script(script).main(["--config", str(config)])

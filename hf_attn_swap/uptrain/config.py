@@ -100,11 +100,14 @@ class UptrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> UptrainConfig:
         """A YAML mapping of fields, then ``key=value`` overrides (values parsed as YAML: ``lr=3e-4``)."""
-        return cls.from_dict(load_recipe_yaml(path, overrides))
+        return cls.from_dict(load_recipe_yaml(path, overrides, required=("model", "output")))
 
 
-def load_recipe_yaml(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """A recipe config: the YAML mapping at ``path`` updated by ``key=value`` overrides (values parsed as YAML)."""
+def load_recipe_yaml(
+    path: str | Path, overrides: list[str] | None = None, required: tuple[str, ...] = ()
+) -> dict:
+    """A recipe config: the YAML mapping at ``path`` updated by ``key=value`` overrides (values parsed as YAML);
+    every key in ``required`` must be set by one of them."""
     import yaml
 
     path = Path(path).expanduser()
@@ -118,6 +121,12 @@ def load_recipe_yaml(path: str | Path, overrides: list[str] | None = None) -> di
             raise ValueError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
         values[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    missing = [key for key in required if values.get(key) in (None, "", {})]
+    if missing:
+        raise ValueError(
+            f"{path} does not set {', '.join(missing)}: add `{missing[0]}: ...` to the YAML "
+            f"or pass {missing[0]}=... on the command line"
+        )
     return values
 
 
