@@ -41,6 +41,7 @@ def convert_if_missing(model: str, convert: dict | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from hf_attn_swap.uptrain import UptrainConfig, uptrain
+    from hf_attn_swap.uptrain.config import load_recipe_yaml
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    config = UptrainConfig.from_yaml(args.config, args.overrides)
+    config = UptrainConfig.from_dict(
+        load_recipe_yaml(args.config, args.overrides, required=("model", "output"))
+    )
     convert_if_missing(config.model, config.convert)
     record = uptrain(config)
     if record is not None:  # main process

@@ -100,7 +100,7 @@ class UptrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> UptrainConfig:
         """A YAML mapping of fields, then ``key=value`` overrides (values parsed as YAML: ``lr=3e-4``)."""
-        return cls.from_dict(load_recipe_yaml(path, overrides, required=("model", "output")))
+        return cls.from_dict(load_recipe_yaml(path, overrides))
 
 
 def load_recipe_yaml(
