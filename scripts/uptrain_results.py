@@ -2,7 +2,7 @@
 training records each checkpoint's ``conversion.json`` carries (mode, tokens, wall time). No typed numbers:
 every cell comes from the two files.
 
-    python scripts/uptrain_results.py runs/uptrain_eval.json > runs/uptrain_results.md
+    python scripts/uptrain_results.py runs/uptrain_eval.json [more.json ...] > runs/uptrain_results.md
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def describe_conversion(record: dict) -> str:
     return f"{record.get('method')} → {after.get('num_key_value_heads')} KV head(s)"
 
 
-def rows(evaluation: dict) -> list[list[str]]:
+def rows(models: dict) -> list[list[str]]:
     table = []
-    for name, result in evaluation["models"].items():
+    for name, result in models.items():
         record = conversion_record(result["model"])
         training = record.get("training") or []
         trained = " + ".join(f"{t['mode']} {t['tokens_trained'] // 1024}k" for t in training) or "—"
@@ -75,11 +75,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("eval_json", help="output of `hf-attn-swap eval NAME=PATH... --json`")
-    evaluation = json.loads(Path(parser.parse_args().eval_json).read_text())
+    parser.add_argument("eval_json", nargs="+", help="outputs of `hf-attn-swap eval NAME=PATH... --json`")
+    models = {}
+    for path in parser.parse_args().eval_json:
+        models.update(json.loads(Path(path).read_text())["models"])
     print("| " + " | ".join(HEADER) + " |")
     print("|" + "---|" * len(HEADER))
-    for row in rows(evaluation):
+    for row in rows(models):
         print("| " + " | ".join(row) + " |")
 
 
