@@ -24,6 +24,7 @@ up() {  # NAME MODEL [uptrain flags...]
 for mode in layerwise distill lora full; do up mqa-$mode-32k "$R/mqa-mean" --mode $mode --max-tokens 32768; done
 up mqa-layerwise-32k-distill-16k "$R/mqa-layerwise-32k" --mode distill --max-tokens 16384 --teacher "$SRC"
 up mqa-fit-layerwise-32k "$R/mqa-fit" --mode layerwise --max-tokens 32768
+up mqa-fit-layerwise-32k-lr1e-4 "$R/mqa-fit" --mode layerwise --max-tokens 32768 --learning-rate 1e-4
 FREEZE="--freeze kv_a_proj_with_mqa"  # the deepseek_v3 export's scaled latent rows (README: Frozen parameters)
 up mla-layerwise-32k "$R/mla-r72-d48" --mode layerwise --max-tokens 32768 $FREEZE
 up mla-distill-32k "$R/mla-r72-d48" --mode distill --max-tokens 32768 $FREEZE
@@ -31,7 +32,7 @@ up mla-layerwise-32k-distill-16k "$R/mla-layerwise-32k" --mode distill --max-tok
 
 models=(original="$SRC" mqa-mean="$R/mqa-mean" mqa-fit="$R/mqa-fit" mla="$R/mla-r72-d48")
 for name in mqa-layerwise-32k mqa-distill-32k mqa-lora-32k mqa-full-32k mqa-layerwise-32k-distill-16k \
-  mqa-fit-layerwise-32k mla-layerwise-32k mla-distill-32k mla-layerwise-32k-distill-16k; do
+  mqa-fit-layerwise-32k mqa-fit-layerwise-32k-lr1e-4 mla-layerwise-32k mla-distill-32k mla-layerwise-32k-distill-16k; do
   models+=("$name=$R/$name")
 done
 $CLI eval "${models[@]}" --reference "$SRC" --max-tokens 16384 --window 1024 \
