@@ -33,7 +33,12 @@ def rows(models: dict) -> list[list[str]]:
     for name, result in models.items():
         record = conversion_record(result["model"])
         training = record.get("training") or []
-        trained = " + ".join(f"{t['mode']} {t['tokens_trained'] // 1024}k" for t in training) or "—"
+        trained = (
+            " + ".join(
+                f"{t['mode']} {t['tokens_trained'] // 1024}k (lr {t['learning_rate']:g})" for t in training
+            )
+            or "—"
+        )
         wall = " + ".join(f"{t['wall_seconds']:.0f}" for t in training) or "—"
         tasks = result.get("lm_eval") or {}
         mc = tasks.get("hfas_text_mc", {}).get("acc")
@@ -61,7 +66,7 @@ HEADER = [
     "model",
     "conversion",
     "KV bytes/token (measured)",
-    "uptraining (mode tokens)",
+    "uptraining (mode, tokens, lr)",
     "uptrain wall s",
     "perplexity",
     "KL to original (nats)",
