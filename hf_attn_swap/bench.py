@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .evaluation import cache_nbytes
+from .models.compat import cache_kwargs, output_cache
 
 CACHES = ("auto", "latent", "dynamic")
 
@@ -46,14 +47,14 @@ def decode_benchmark(model: nn.Module, prompt: torch.Tensor, new_tokens: int, ca
         raise ValueError(f"--new-tokens must be at least 1, got {new_tokens}")
     ids = prompt.view(1, -1).to(model.device)
     start = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=make_cache(model, cache), use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **cache_kwargs(make_cache(model, cache)), use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - start
-    past = out.past_key_values
+    past = output_cache(out)
     token = out.logits[:, -1:].argmax(-1)
     steps = []
     for _ in range(new_tokens):
         start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        out = model(input_ids=token, **cache_kwargs(past), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         steps.append(time.perf_counter() - start)
     total = ids.shape[1] + new_tokens

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .models.compat import output_cache
+
 
 def cache_nbytes(cache) -> int:
     """Bytes of cached states in a transformers ``Cache`` (``cache.nbytes()`` when the class defines it).
@@ -51,7 +53,7 @@ def measure_kv_cache_bytes_per_token(
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     out = model(input_ids=input_ids, use_cache=True)
-    cache = getattr(out, "past_key_values", None)
+    cache = output_cache(out)
     if cache is None:
         return None
     return cache_nbytes(cache) / input_ids.numel()

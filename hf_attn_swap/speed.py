@@ -12,6 +12,7 @@ import time
 import torch
 
 from .evaluation import cache_nbytes
+from .models.compat import output_cache
 
 
 def pad_token_id(generation_config) -> int:
@@ -64,7 +65,7 @@ def measure_decode_speed(model, context: int, new_tokens: int = 32, repeats: int
     _timed_generate(model, ids[:, : min(context, 16)], 2, 1)  # warm-up
     prefill, _ = _timed_generate(model, ids, 1, repeats)
     total, out = _timed_generate(model, ids, new_tokens, repeats)
-    cache = getattr(out, "past_key_values", None)
+    cache = output_cache(out)
     decode = max(total - prefill, 1e-9)
     return {
         "context": context,

@@ -39,6 +39,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from ..cache import LatentCache
+from ..models.compat import CACHE_KWARG, cache_kwargs, check_cache_grew, pop_cache, update_layer_cache
 
 MLA_MODEL_TYPE = "hf_attn_swap_mla"
 #: name of the absorbed-decoding attention implementation (registered in ``hf_attn_swap.attention``)
@@ -157,7 +158,6 @@ class MLAAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length = hidden_states.shape[:-1]
@@ -175,8 +175,9 @@ class MLAAttention(nn.Module):
         cos, sin = self.rope_cos_sin(*position_embeddings)
         q_rope, rope_key = apply_rotary_pos_emb(q_rope, rope_key, cos, sin)
 
-        if past_key_values is not None:
-            latent, rope_key = past_key_values.update(latent, rope_key, self.layer_idx)
+        latent, rope_key = update_layer_cache(
+            pop_cache(kwargs), latent, rope_key, self.layer_idx, kwargs.get("use_cache")
+        )
 
         query = torch.cat([q_nope, q_rope], dim=-1)
         implementation = self.config._attn_implementation
@@ -235,12 +236,14 @@ class MLAModel(MLAPreTrainedModel, LlamaModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, *args, past_key_values=None, use_cache=None, **kwargs):
-        """Llama's forward; a fresh cache is a :class:`LatentCache`."""
+    @check_cache_grew
+    def forward(self, *args, use_cache=None, **kwargs):
+        """Llama's forward; a fresh cache is a :class:`LatentCache` (the cache is taken under either name)."""
+        cache = pop_cache(kwargs)
         wants_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if wants_cache and past_key_values is None:
-            past_key_values = LatentCache(config=self.config)
-        return LlamaModel.forward(self, *args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        if wants_cache and cache is None:
+            cache = LatentCache(config=self.config)
+        return LlamaModel.forward(self, *args, use_cache=use_cache, **cache_kwargs(cache), **kwargs)
 
 
 class MLAForCausalLM(MLAPreTrainedModel, LlamaForCausalLM):
@@ -253,10 +256,10 @@ class MLAForCausalLM(MLAPreTrainedModel, LlamaForCausalLM):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """``generate()``'s default cache becomes a :class:`LatentCache` (a user-passed cache is kept)."""
-        user_cache = model_kwargs.get("past_key_values")
+        user_cache = model_kwargs.get(CACHE_KWARG)
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if user_cache is None and type(model_kwargs.get("past_key_values")) is DynamicCache:
-            model_kwargs["past_key_values"] = LatentCache(config=self.config)
+        if user_cache is None and type(model_kwargs.get(CACHE_KWARG)) is DynamicCache:
+            model_kwargs[CACHE_KWARG] = LatentCache(config=self.config)
         return result
 
 

@@ -16,6 +16,7 @@ from transformers.models.bert.modeling_bert import (
     eager_attention_forward,
 )
 
+from .compat import pop_cache, update_layer_cache
 from .grouped import (
     GroupedConfigMixin,
     GroupedModelMixin,
@@ -23,7 +24,6 @@ from .grouped import (
     resized_projection,
     save_code_with_checkpoints,
     set_grouping,
-    update_cache,
     with_repeated_kv,
 )
 
@@ -48,12 +48,14 @@ class GroupedBertSelfAttention(BertSelfAttention):
         attn.value = resized_projection(attn.value, num_key_value_heads * attn.attention_head_size)
         return attn
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
         heads = (*hidden_states.shape[:-1], -1, self.attention_head_size)
         query = self.query(hidden_states).view(heads).transpose(1, 2)
         key = self.key(hidden_states).view(heads).transpose(1, 2)
         value = self.value(hidden_states).view(heads).transpose(1, 2)
-        key, value = update_cache(past_key_values, key, value, self.layer_idx)
+        key, value = update_layer_cache(
+            pop_cache(kwargs), key, value, self.layer_idx, kwargs.get("use_cache")
+        )
         attn_output, attn_weights = attend(
             self,
             grouped_eager_attention,

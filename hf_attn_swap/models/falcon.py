@@ -15,6 +15,7 @@ from transformers.models.falcon.modeling_falcon import (
     apply_rotary_pos_emb,
 )
 
+from .compat import pop_cache, update_layer_cache
 from .grouped import (
     GroupedConfigMixin,
     GroupedModelMixin,
@@ -23,7 +24,6 @@ from .grouped import (
     save_code_with_checkpoints,
     set_grouping,
     split_grouped_qkv,
-    update_cache,
     with_repeated_kv,
 )
 
@@ -81,7 +81,6 @@ class GroupedFalconAttention(FalconAttention):
         alibi,
         attention_mask,
         position_ids=None,
-        layer_past=None,
         use_cache=False,
         output_attentions=False,
         position_embeddings=None,
@@ -94,7 +93,7 @@ class GroupedFalconAttention(FalconAttention):
             self.query_key_value(hidden_states), self.num_key_value_heads, self.head_dim
         )
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        key, value = update_cache(layer_past, key, value, self.layer_idx)
+        key, value = update_layer_cache(pop_cache(kwargs), key, value, self.layer_idx, use_cache)
         attn_output, attn_weights = attend(
             self,
             grouped_eager_attention,

@@ -12,6 +12,7 @@ from transformers.models.gpt2.modeling_gpt2 import (
     eager_attention_forward,
 )
 
+from .compat import pop_cache, update_layer_cache
 from .grouped import (
     GroupedConfigMixin,
     GroupedModelMixin,
@@ -20,7 +21,6 @@ from .grouped import (
     resized_projection,
     save_code_with_checkpoints,
     set_grouping,
-    update_cache,
     with_repeated_kv,
 )
 
@@ -51,7 +51,6 @@ class GroupedGPT2Attention(GPT2Attention):
     def forward(
         self,
         hidden_states,
-        past_key_values=None,
         attention_mask=None,
         encoder_hidden_states=None,
         encoder_attention_mask=None,
@@ -64,7 +63,9 @@ class GroupedGPT2Attention(GPT2Attention):
         query, key, value = self.c_attn(hidden_states).split([q_size, kv_size, kv_size], dim=-1)
         heads = (*hidden_states.shape[:-1], -1, self.head_dim)
         query, key, value = (x.view(heads).transpose(1, 2) for x in (query, key, value))
-        key, value = update_cache(past_key_values, key, value, self.layer_idx)
+        key, value = update_layer_cache(
+            pop_cache(kwargs), key, value, self.layer_idx, kwargs.get("use_cache")
+        )
 
         if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:
             groups = self.num_key_value_groups

@@ -14,6 +14,7 @@ from transformers.models.gpt_neox.modeling_gpt_neox import (
     eager_attention_forward,
 )
 
+from .compat import pop_cache, update_layer_cache
 from .grouped import (
     GroupedConfigMixin,
     GroupedModelMixin,
@@ -22,7 +23,6 @@ from .grouped import (
     save_code_with_checkpoints,
     set_grouping,
     split_grouped_qkv,
-    update_cache,
     with_repeated_kv,
 )
 
@@ -48,11 +48,13 @@ class GroupedGPTNeoXAttention(GPTNeoXAttention):
         attn.query_key_value = resized_projection(attn.query_key_value, size)
         return attn
 
-    def forward(self, hidden_states, attention_mask, layer_past=None, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, attention_mask, position_embeddings=None, **kwargs):
         fused = self.query_key_value(hidden_states)
         query, key, value = split_grouped_qkv(fused, self.num_key_value_heads, self.head_size)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        key, value = update_cache(layer_past, key, value, self.layer_idx)
+        key, value = update_layer_cache(
+            pop_cache(kwargs), key, value, self.layer_idx, kwargs.get("use_cache")
+        )
         attn_output, attn_weights = attend(
             self,
             grouped_eager_attention,

@@ -17,7 +17,6 @@ import sys
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.cache_utils import EncoderDecoderCache
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
@@ -25,6 +24,8 @@ from transformers.conversion_mapping import (
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
+
+from .compat import check_cache_grew
 
 #: stock model class -> plugin model class (filled as plugin classes are defined)
 GROUPED_MODEL_CLASSES: dict[type, type] = {}
@@ -53,16 +54,6 @@ def attend(module: nn.Module, grouped_eager_attention, query, key, value, attent
         module.config._attn_implementation, grouped_eager_attention
     )
     return attention(module, query, key, value, attention_mask, **kwargs)
-
-
-def update_cache(past_key_values, key, value, layer_idx: int):
-    """Append this step's grouped K/V [B, H_kv, T, d] to the cache (self-attention part of an encoder-decoder
-    cache) and return all cached K/V; a no-op without a cache."""
-    if past_key_values is None:
-        return key, value
-    if isinstance(past_key_values, EncoderDecoderCache):
-        past_key_values = past_key_values.self_attention_cache
-    return past_key_values.update(key, value, layer_idx)
 
 
 class GroupedConfigMixin:
@@ -138,6 +129,8 @@ class GroupedModelMixin:
         )
         if renames:
             register_checkpoint_conversion_mapping(cls.__name__, renames, overwrite=True)
+        if "forward" not in cls.__dict__:
+            cls.forward = check_cache_grew(stock.forward)
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)

@@ -13,6 +13,7 @@ from transformers.models.opt.modeling_opt import (
     eager_attention_forward,
 )
 
+from .compat import pop_cache, update_layer_cache
 from .grouped import (
     GroupedConfigMixin,
     GroupedModelMixin,
@@ -20,7 +21,6 @@ from .grouped import (
     resized_projection,
     save_code_with_checkpoints,
     set_grouping,
-    update_cache,
     with_repeated_kv,
 )
 
@@ -45,14 +45,14 @@ class GroupedOPTAttention(OPTAttention):
         attn.v_proj = resized_projection(attn.v_proj, num_key_value_heads * attn.head_dim)
         return attn
 
-    def forward(
-        self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs
-    ):
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False, **kwargs):
         heads = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = (self.q_proj(hidden_states) * self.scaling).view(heads).transpose(1, 2)
         key = self.k_proj(hidden_states).view(heads).transpose(1, 2)
         value = self.v_proj(hidden_states).view(heads).transpose(1, 2)
-        key, value = update_cache(past_key_values, key, value, self.layer_idx)
+        key, value = update_layer_cache(
+            pop_cache(kwargs), key, value, self.layer_idx, kwargs.get("use_cache")
+        )
         attn_output, attn_weights = attend(
             self,
             grouped_eager_attention,
