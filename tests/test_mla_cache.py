@@ -1,4 +1,6 @@
-"""LatentCache: measured bytes, generate() (greedy, sampling, beam search), padding, cropping, batch ops."""
+"""LatentCache: measured bytes, sampling and beam search == DynamicCache, a user-passed cache, batch ops, autograd.
+
+Cached == recomputed generation, left padding and crop + refeed for every model: tests/test_cache_conformance.py."""
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ from transformers import DynamicCache
 from hf_attn_swap import LatentCache, convert_to_mla
 from hf_attn_swap.cache import LatentLayer
 from hf_attn_swap.evaluation import measure_kv_cache_bytes_per_token
+from hf_attn_swap.models.compat import cache_kwargs, output_cache
 from hf_attn_swap.testing import tiny_model
 
 
@@ -30,10 +33,10 @@ def test_measured_bytes_per_token_is_latent_plus_rope(dtype):
     measured = measure_kv_cache_bytes_per_token(model, tokens=16)
     assert measured == (24 + 8) * 2 * dtype.itemsize  # (r + d_rope) x layers x bytes
     out = model(input_ids=prompt()[0], use_cache=True)
-    assert isinstance(out.past_key_values, LatentCache)
+    assert isinstance(output_cache(out), LatentCache)
     assert (
-        out.past_key_values.nbytes()
-        == out.past_key_values.allocated_nbytes()
+        output_cache(out).nbytes()
+        == output_cache(out).allocated_nbytes()
         == 2 * 9 * (24 + 8) * 2 * dtype.itemsize
     )
 
@@ -73,19 +76,6 @@ def test_layer_views_growth_crop_and_batch_ops():
         layer.update(torch.randn(2, 4, 1, 6), torch.randn(2, 2, 1, 4))
 
 
-@pytest.mark.parametrize("attn", ["eager", "latent_sdpa"])
-def test_greedy_generate_with_cache_equals_full_recompute(attn):
-    model = mla_model(attn=attn)
-    ids, mask = prompt(batch=1)
-    generated = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    sequence = ids
-    for _ in range(8):  # no cache: recompute the whole sequence at every step
-        with torch.no_grad():
-            next_token = model(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        sequence = torch.cat([sequence, next_token], dim=1)
-    assert torch.equal(generated, sequence)
-
-
 def test_sampling_and_beam_search_match_dynamic_cache():
     model = mla_model(attn="latent_sdpa")
     ids, mask = prompt()
@@ -93,11 +83,11 @@ def test_sampling_and_beam_search_match_dynamic_cache():
     for name, make_cache in (("latent", lambda: LatentCache(config=model.config)), ("dynamic", DynamicCache)):
         torch.manual_seed(3)
         sampled = model.generate(
-            ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20, past_key_values=make_cache()
+            ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20, **cache_kwargs(make_cache())
         )
         beams = model.generate(
             ids, attention_mask=mask, max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False,
-            past_key_values=make_cache(),
+            **cache_kwargs(make_cache()),
         )  # fmt: skip
         runs[name] = (sampled, beams)
     assert torch.equal(runs["latent"][0], runs["dynamic"][0])
@@ -116,39 +106,13 @@ def test_generate_keeps_a_user_passed_cache():
     model = mla_model(attn="latent_sdpa")
     ids, mask = prompt()
     default = model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True)
-    assert type(default.past_key_values) is LatentCache
+    assert type(output_cache(default)) is LatentCache
     for cache in (DynamicCache(), LatentCache(config=model.config)):
         out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=3, past_key_values=cache, return_dict_in_generate=True
+            ids, attention_mask=mask, max_new_tokens=3, **cache_kwargs(cache), return_dict_in_generate=True
         )
-        assert out.past_key_values is cache and cache.get_seq_length() == 9 + 2  # the last token is not fed
+        assert output_cache(out) is cache and cache.get_seq_length() == 9 + 2  # the last token is not fed
         assert torch.equal(out.sequences, default.sequences)
-
-
-@pytest.mark.parametrize("attn", ["eager", "latent_sdpa"])
-def test_left_padded_batch_equals_unpadded_rows(attn):
-    model = mla_model(attn=attn)
-    long_row = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(5))
-    short_row = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(6))
-    batch = torch.cat([long_row, torch.cat([torch.zeros(1, 4, dtype=torch.long), short_row], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :4] = 0
-    together = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    for row, ids in ((0, long_row), (1, short_row)):
-        alone = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-        assert torch.equal(together[row, -6:], alone[0, -6:])
-
-
-def test_crop_then_refeed_reproduces_logits():
-    model = mla_model(attn="latent_sdpa")
-    ids, _ = prompt(batch=2, length=10)
-    cache = LatentCache(config=model.config)
-    with torch.no_grad():
-        full = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
-        cache.crop(-4)
-        assert cache.get_seq_length() == 6
-        again = model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits
-    assert torch.allclose(again, full[:, 6:], atol=1e-5)
 
 
 def test_backward_through_cached_decode_steps_matches_dynamic_cache():
@@ -158,9 +122,9 @@ def test_backward_through_cached_decode_steps_matches_dynamic_cache():
     grads = {}
     for name, cache in (("latent", LatentCache(config=model.config)), ("dynamic", DynamicCache())):
         model.zero_grad()
-        outputs = [model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)]
+        outputs = [model(input_ids=ids[:, :5], **cache_kwargs(cache), use_cache=True)]
         for t in range(5, 8):
-            outputs.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True))
+            outputs.append(model(input_ids=ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True))
         sum(out.logits.square().mean() for out in outputs).backward()
         grads[name] = [p.grad.clone() for p in model.parameters()]
     for latent, dynamic in zip(grads["latent"], grads["dynamic"], strict=True):

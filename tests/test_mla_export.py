@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from hf_attn_swap import LatentCache, convert_to_mla
 from hf_attn_swap.evaluation import measure_kv_cache_bytes_per_token
 from hf_attn_swap.export import NORM_ERROR_TARGETS, dominant_channel, to_deepseek_v3
+from hf_attn_swap.models.compat import cache_kwargs
 from hf_attn_swap.testing import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_latent_sdpa_on_stock_deepseek_v3(tmp_path):
     greedy = stock.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     cache = LatentCache(config=latent.config)
     assert torch.equal(
-        latent.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache),
+        latent.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **cache_kwargs(cache)),
         greedy,
     )
     assert calls == []

@@ -7,6 +7,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_attn_swap import LatentCache, convert_to_mla
 from hf_attn_swap.attention import latent_sdpa_attention_forward
+from hf_attn_swap.models.compat import cache_kwargs
 from hf_attn_swap.testing import tiny_model
 
 VARIANTS = {
@@ -72,13 +73,13 @@ def test_step_by_step_decode_equals_eager(variant):
     model.set_attn_implementation("latent_sdpa")
     cache = LatentCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], **cache_kwargs(cache), use_cache=True)
         steps = [out.logits]
         for t in range(4, 12):  # one token at a time: the absorbed decode path
             out = model(
                 input_ids=ids[:, t : t + 1],
                 attention_mask=mask[:, : t + 1],
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 use_cache=True,
             )
             steps.append(out.logits)

@@ -11,6 +11,7 @@ from hf_attn_swap.checkpoint import convert_checkpoint, load_causal_lm, load_tok
 from hf_attn_swap.data import default_eval_files, load_token_ids
 from hf_attn_swap.evaluation import measure_kv_cache_bytes_per_token
 from hf_attn_swap.examples import example_model_path
+from hf_attn_swap.models.compat import cache_kwargs
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,6 @@ def test_deepseek_v3_export_of_smollm2(smollm2, tmp_path):
     stock.generation_config.eos_token_id = latent.generation_config.eos_token_id = None
     greedy = stock.generate(ids[None, :64], max_new_tokens=12, do_sample=False)
     assert torch.equal(
-        latent.generate(ids[None, :64], max_new_tokens=12, do_sample=False, past_key_values=cache), greedy
+        latent.generate(ids[None, :64], max_new_tokens=12, do_sample=False, **cache_kwargs(cache)), greedy
     )
     assert cache.nbytes() == (64 + 11) * 120 * 30 * 4
