@@ -3,6 +3,10 @@
 ``import hf_attn_swap`` registers the package's attention implementations, mask functions and Auto classes.
 """
 
+from .versions import check_transformers_version
+
+check_transformers_version()  # before anything below touches transformers' moving parts
+
 from . import models  # noqa: F401  registers the plugin Auto classes (GPT-2, GPT-NeoX, OPT, Falcon, BERT)
 from .architectures import UnsupportedArchitectureError, get_adapter, supported_model_types
 from .attention import register_latent_sdpa
