@@ -44,10 +44,27 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, needed_for: str = "", alternative: str = ""):
+    """``AutoTokenizer.from_pretrained(path)``; a folder without a usable tokenizer raises ``ValueError`` naming
+    the fix (transformers' own message asks to install sentencepiece or tiktoken, which rarely is the cause)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, ImportError) as err:
+        folder = Path(str(path)).expanduser()
+        has_files = folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES)
+        what = (
+            "its tokenizer files do not load (" + str(err).strip().splitlines()[0] + ")"
+            if has_files
+            else ("it has no tokenizer files")
+        )
+        purpose = f" ({needed_for})" if needed_for else ""
+        fix = f"; or {alternative}" if alternative else ""
+        raise ValueError(
+            f"no tokenizer in {str(path)!r}{purpose}: {what}. Copy the original model's tokenizer files "
+            f"({', '.join(TOKENIZER_FILES[:2])}, ...) into it{fix}"
+        ) from None
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
@@ -133,6 +150,13 @@ def convert_checkpoint(
     if method not in GQA_METHODS:
         raise ValueError(f"unknown GQA method {method!r}; choose one of {sorted(GQA_METHODS)}")
     gqa_method = GQA_METHODS[method]
+    calibration = calibration_inputs
+    needs_text = gqa_method.needs_calibration and calibration is None
+    tokenizer = (
+        load_tokenizer(src, f"method {method!r} calibrates on text", "use --method mean")
+        if needs_text
+        else None
+    )
 
     if layout.causal:
         model = load_causal_lm(src, dtype=torch_dtype)
@@ -140,13 +164,12 @@ def convert_checkpoint(
         from transformers import AutoModel
 
         model = AutoModel.from_pretrained(str(src), dtype=torch_dtype).eval()
-    calibration = calibration_inputs
-    if gqa_method.needs_calibration and calibration is None:
+    if needs_text:
         from .calibration import collect_calibration_from_files
 
         calibration = collect_calibration_from_files(
             model,
-            load_tokenizer(src),
+            tokenizer,
             calibration_data,
             max_tokens=calibration_tokens,
             key_weights=gqa_method.uses_key_weights,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -48,7 +49,40 @@ def check_source(src: str | Path) -> Path:
         raise FileNotFoundError(
             f"{str(path)!r} has no config.json: it is not a transformers checkpoint folder"
         )
+    check_config_json(path / "config.json")
+    check_safetensors_files(path)
     return path
+
+
+def check_config_json(file: Path) -> None:
+    """``config.json`` must parse as a JSON object (transformers raises a bare OSError traceback otherwise)."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{str(file)!r} is not valid JSON ({err}): restore it from the original checkpoint or re-save the "
+            "model with save_pretrained"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{str(file)!r} holds a JSON {type(config).__name__}, not a config object: restore it"
+        )
+
+
+def check_safetensors_files(folder: Path) -> None:
+    """Open every ``*.safetensors`` header in ``folder`` (memory-mapped, no tensor is read): a truncated or
+    corrupt file raises ``ValueError`` naming it, before any model is built."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise ValueError(
+                f"{str(file)!r} is truncated or corrupt ({err}; {file.stat().st_size} bytes): copy or download it "
+                "again, or re-save the model with save_pretrained"
+            ) from None
 
 
 def overlaps(a: str | Path, b: str | Path) -> bool:

@@ -16,6 +16,7 @@ from conftest import NATIVE_FAMILIES, PYTHON, subprocess_env, tree_digest
 from hf_attn_swap.checkpoint import convert_checkpoint, load_causal_lm
 from hf_attn_swap.cli import main
 from hf_attn_swap.report import load_report
+from hf_attn_swap.testing import tiny_model
 
 STOCK_LOADER = textwrap.dedent(
     """
@@ -204,3 +205,74 @@ def test_console_entry_point_runs_as_module(tmp_path):
     )
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "example-model smollm2" in result.stderr
+
+
+def _truncate_weights(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _break_config(folder):
+    (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": 64,')
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (_truncate_weights, "model.safetensors' is truncated or corrupt"),
+        (_break_config, "config.json' is not valid JSON"),
+    ],
+)
+@pytest.mark.parametrize(
+    "target",
+    [
+        ["--to", "gqa", "--num-kv-heads", "2"],
+        ["--to", "mla", "--kv-lora-rank", "8", "--rope-dim", "8", "--factorization", "svd"],
+    ],
+)
+def test_damaged_source_is_a_one_line_error(saved_tiny, tmp_path, damage, message, target):
+    """A new user's damaged download: exit 2 with one line naming the file and the fix, no traceback, nothing
+    written, the source as it was."""
+    src = saved_tiny("llama", num_attention_heads=4, num_key_value_heads=4)
+    damage(src)
+    digest = tree_digest(src)
+    done = subprocess.run(
+        [PYTHON, "-m", "hf_attn_swap", "convert", str(src), str(tmp_path / "out"), *target],
+        capture_output=True, text=True, env=subprocess_env(),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "re-save" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"] and tree_digest(src) == digest
+
+
+@pytest.mark.parametrize(
+    "target,fix",
+    [
+        (["--to", "mla", "--kv-lora-rank", "8", "--rope-dim", "8"], "--factorization svd"),
+        (
+            ["--to", "gqa", "--num-kv-heads", "1", "--method", "fit", "--calibration-data", "TEXT"],
+            "--method mean",
+        ),
+    ],
+)
+def test_calibration_without_a_tokenizer_names_the_fix(tmp_path, text_file, capsys, target, fix):
+    src = tmp_path / "src"  # weights and config only
+    tiny_model("llama", num_attention_heads=4, num_key_value_heads=4).save_pretrained(src)
+    digest = tree_digest(src)
+    argv = [
+        "convert",
+        str(src),
+        str(tmp_path / "out"),
+        *[str(text_file) if a == "TEXT" else a for a in target],
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [
+        line for line in err.splitlines() if line.strip() and not line.startswith("Writing model shards")
+    ]
+    assert len(lines) == 1 and "has no tokenizer files" in lines[0] and fix in lines[0], err
+    assert "sentencepiece" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", text_file.name])
+    assert tree_digest(src) == digest

@@ -82,15 +82,27 @@ def convert_mla_checkpoint(
         opts.rank_allocation,
     )  # fmt: skip
 
+    calibration, files, tokenizer = None, None, None
+    needs_text = calibration_data or opts.factorization == "pca" or opts.rope_selection == "norm"
+    if needs_text:  # before any weight is loaded
+        why = [f"--factorization {opts.factorization}"] if opts.factorization == "pca" else []
+        why += ["--rope-selection norm"] if opts.rope_selection == "norm" else []
+        why += ["--calibration-data"] if calibration_data else []
+        tokenizer = load_tokenizer(
+            src,
+            f"{' and '.join(why)} calibrate{'s' if len(why) == 1 else ''} on text",
+            "use --factorization svd"
+            + (" and another --rope-selection" if opts.rope_selection == "norm" else "")
+            + (" without --calibration-data" if calibration_data else ""),
+        )
     model = load_causal_lm(src, dtype=dtype)
-    calibration, files = None, None
-    if calibration_data or opts.factorization == "pca" or opts.rope_selection == "norm":
+    if needs_text:
         from ..calibration import collect_attention_inputs_from_files
         from ..data import default_train_files
 
         files = calibration_data or default_train_files()
         calibration = collect_attention_inputs_from_files(
-            model, load_tokenizer(src), files, max_tokens=calibration_tokens
+            model, tokenizer, files, max_tokens=calibration_tokens
         )
     report = convert_to_mla(
         model, latent_rank, opts.qk_rope_head_dim, opts.rope_selection, opts.factorization, calibration,
