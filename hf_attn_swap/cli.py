@@ -3,62 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-import tempfile
 from pathlib import Path
 
-EVAL_DEFAULTS = {"max_tokens": 16384, "window": 1024}
-
-
-def write_json(path: str | Path, payload: dict) -> Path:
-    """Write ``payload`` to ``path`` atomically (temp file + rename)."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-def machine_info() -> dict:
-    import torch
-    import transformers
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """``columns``: (key, header). Floats get 4 significant decimals, None prints as an em dash."""
-
-    def fmt(value):
-        if value is None:
-            return "—"
-        if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
-            return str(int(value))
-        if isinstance(value, float):
-            return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
-        return str(value)
-
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(k)) for k, _ in columns) + " |" for row in rows]
-    return "\n".join(lines)
+from .evaluate.suite import (
+    EVAL_COLUMNS,
+    EVAL_DEFAULTS,
+    evaluate_checkpoints,
+    markdown_table,
+    parse_model_specs,
+)
+from .io.folders import machine_info, write_json
 
 
 # -- example-model ---------------------------------------------------------------------------------------------
 def _cmd_example_model(args) -> int:
-    from .examples import example_model_path
+    from .io.examples import example_model_path
 
     print(example_model_path(args.name, refresh=args.refresh))
     return 0
@@ -66,7 +26,7 @@ def _cmd_example_model(args) -> int:
 
 # -- convert ---------------------------------------------------------------------------------------------------
 def _cmd_convert(args) -> int:
-    from .checkpoint import convert_checkpoint
+    from .pipeline.convert import convert_checkpoint
 
     report = convert_checkpoint(
         args.src,
@@ -101,8 +61,8 @@ def _mla_options(args) -> dict:
 def _cmd_bench(args) -> int:
     import torch
 
-    from .bench import decode_benchmark
-    from .checkpoint import load_causal_lm
+    from .evaluate.bench import decode_benchmark
+    from .io.checkpoints import load_causal_lm
 
     if args.context < 1:
         raise ValueError(f"--context must be at least 1, got {args.context}")
@@ -127,8 +87,8 @@ def _bench_prompt(model_path, context: int, vocab_size: int):
     """The first ``context`` tokens of the held-out text (repeated if short), or fixed ids without a tokenizer."""
     import torch
 
-    from .checkpoint import load_tokenizer
-    from .data import default_eval_files, load_token_ids
+    from .io.checkpoints import load_tokenizer
+    from .io.text import default_eval_files, load_token_ids
 
     try:
         ids = load_token_ids(load_tokenizer(model_path), default_eval_files(), context)
@@ -138,77 +98,8 @@ def _bench_prompt(model_path, context: int, vocab_size: int):
 
 
 # -- eval ------------------------------------------------------------------------------------------------------
-def evaluate_checkpoints(
-    models: dict[str, str],
-    data,
-    reference: str | None,
-    max_tokens: int,
-    window: int,
-    batch_size: int = 1,
-    dtype: str = "float32",
-    attn_implementation: str | None = None,
-) -> dict[str, dict]:
-    """Load each checkpoint (name -> path) once, evaluate all on the same windows; adds measured KV bytes."""
-    from .checkpoint import load_causal_lm, load_tokenizer
-    from .data import default_eval_files, load_token_ids, resolve_text_files
-    from .evaluation import evaluate_models, measure_kv_cache_bytes_per_token
-
-    if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
-    files = resolve_text_files(data or default_eval_files())
-    first_path = next(iter(models.values()))
-    tokenizer = load_tokenizer(reference or first_path)
-    token_ids = load_token_ids(tokenizer, files, max_tokens)
-    loaded = {name: load_causal_lm(path, dtype, attn_implementation) for name, path in models.items()}
-    ref_model = None
-    if reference is not None:
-        same = [name for name, path in models.items() if Path(path).resolve() == Path(reference).resolve()]
-        ref_model = loaded[same[0]] if same else load_causal_lm(reference, dtype, attn_implementation)
-        vocab_ref = ref_model.get_output_embeddings().weight.shape[0]
-        for name, model in loaded.items():
-            if model.get_output_embeddings().weight.shape[0] != vocab_ref:
-                raise ValueError(f"{name} and the reference have different vocabularies: KL is undefined")
-    results = evaluate_models(loaded, token_ids, window=window, reference=ref_model, batch_size=batch_size)
-    for name, model in loaded.items():
-        results[name].update(
-            model=str(models[name]),
-            reference=None if reference is None else str(reference),
-            num_key_value_heads=getattr(model.config, "num_key_value_heads", None),
-            kv_cache_bytes_per_token=measure_kv_cache_bytes_per_token(model, token_ids[:16]),
-            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-            attn_implementation=model.config._attn_implementation,
-            data=[str(f) for f in files[:50]] + ([f"... {len(files) - 50} more"] if len(files) > 50 else []),
-            max_tokens=max_tokens,
-        )
-    return results
-
-
-EVAL_COLUMNS = [
-    ("name", "model"),
-    ("num_key_value_heads", "KV heads"),
-    ("kv_cache_bytes_per_token", "KV bytes/token (measured)"),
-    ("perplexity", "perplexity"),
-    ("kl_to_reference", "KL to reference (nats)"),
-    ("top1_agreement", "top-1 agreement"),
-    ("tokens", "scored tokens"),
-]
-
-
-def parse_model_specs(specs: list[str]) -> dict[str, str]:
-    """``PATH`` or ``NAME=PATH`` -> {name: path} (name defaults to the folder name)."""
-    models: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or Path(spec).expanduser().exists():
-            name, path = Path(spec).name, spec
-        if name in models:
-            raise ValueError(f"two models are named {name!r}: give them names with NAME=PATH")
-        models[name] = path
-    return models
-
-
 def _cmd_eval(args) -> int:
-    from .eval_suite import evaluate_suite, suite_markdown, suite_plots
+    from .evaluate.suite import evaluate_suite, suite_markdown, suite_plots
 
     results = evaluate_suite(
         parse_model_specs(args.model),
@@ -246,9 +137,10 @@ def _cmd_eval(args) -> int:
 
 # -- demo (the README's main job) ------------------------------------------------------------------------------
 def _cmd_demo(args) -> int:
-    from .checkpoint import convert_checkpoint, load_causal_lm, load_tokenizer
-    from .examples import example_model_path
-    from .gqa import GQA_METHODS
+    from .io.checkpoints import load_causal_lm, load_tokenizer
+    from .io.examples import example_model_path
+    from .methods.gqa import GQA_METHODS
+    from .pipeline.convert import convert_checkpoint
 
     methods = list(dict.fromkeys(args.method or ["mean"]))
     unknown = [m for m in methods if m not in GQA_METHODS]
@@ -258,8 +150,8 @@ def _cmd_demo(args) -> int:
     workdir = Path(args.workdir).expanduser()
     calibration, calibration_info = None, None
     if any(GQA_METHODS[m].needs_calibration for m in methods):  # collected once, shared by the methods
-        from .calibration import collect_calibration, require_calibration_files
-        from .data import default_train_files, load_token_ids
+        from .io.text import default_train_files, load_token_ids
+        from .methods.calibration import collect_calibration, require_calibration_files
 
         files = require_calibration_files(args.calibration_data or default_train_files(), "demo")
         ids = load_token_ids(load_tokenizer(src), files, args.calibration_tokens)
@@ -331,7 +223,7 @@ def _cmd_uptrain(args) -> int:
 
 # -- push ------------------------------------------------------------------------------------------------------
 def _cmd_push(args) -> int:
-    from .hub import push_to_hub
+    from .pipeline.hub import push_to_hub
 
     result = push_to_hub(
         args.model,

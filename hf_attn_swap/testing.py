@@ -9,8 +9,8 @@ from dataclasses import replace
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .architectures import get_adapter
-from .gqa.base import per_query_head
+from .adapters import get_adapter
+from .methods.gqa.base import per_query_head
 
 #: model_type -> extra config fields that make a tiny model of that family representative
 FAMILY_OVERRIDES: dict[str, dict] = {
@@ -27,7 +27,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
         "hidden_activation": "gelu_pytorch_tanh",
     },
     "phi3": {"pad_token_id": 0},
-    # families without native GQA (converted through hf_attn_swap.models plugin classes)
+    # families without native GQA (converted through hf_attn_swap.modeling plugin classes)
     "gpt2": {},
     "gpt_neox": {},  # partial rotary (rotary_pct 0.25), q/k/v biases
     "opt": {"word_embed_proj_dim": 64, "pad_token_id": 0},

@@ -7,7 +7,7 @@ Config keys: ``models`` (name -> folder; ``example:smollm2`` for the packaged or
 ``data`` (held-out text; default the Python tutorial), ``max_tokens``, ``window``, ``tasks`` (lm-eval: the
 offline ``hfas_text_mc`` / ``hfas_text_lastword``, a task YAML, or registry names such as ``hellaswag`` when
 online), ``task_limit``, ``num_fewshot``, ``decode_contexts``, ``new_tokens``, ``output`` (folder).
-Same engine as ``hf-attn-swap eval`` (``hf_attn_swap.eval_suite``).
+Same engine as ``hf-attn-swap eval`` (``hf_attn_swap.evaluate.suite``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ SUITE_KEYS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_attn_swap.cli import machine_info, write_json
-    from hf_attn_swap.eval_suite import evaluate_suite, suite_markdown, suite_plots
+    from hf_attn_swap.evaluate.suite import evaluate_suite, suite_markdown, suite_plots
+    from hf_attn_swap.io.folders import machine_info, write_json
     from hf_attn_swap.uptrain.config import load_recipe_yaml, resolve_source
 
     parser = argparse.ArgumentParser(

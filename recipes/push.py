@@ -2,7 +2,7 @@
 
     HF_TOKEN=... python recipes/push.py runs/smollm2-mqa-layerwise --repo-id ORG/SmolLM2-135M-MQA [--private]
 
-Same as ``hf-attn-swap push`` (``hf_attn_swap.hub.push_to_hub``); ``--dry-run`` prints the card only.
+Same as ``hf-attn-swap push`` (``hf_attn_swap.pipeline.hub.push_to_hub``); ``--dry-run`` prints the card only.
 """
 
 import sys

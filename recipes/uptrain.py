@@ -6,7 +6,7 @@
         recipes/uptrain.py --config recipes/configs/smollm2_mqa_distill.yaml bf16=true
 
 When ``model`` does not exist yet and the config has a ``convert:`` section, the model is first converted from
-``convert.source`` (``example:smollm2`` = the packaged SmolLM2) with ``hf_attn_swap.checkpoint.convert_checkpoint``
+``convert.source`` (``example:smollm2`` = the packaged SmolLM2) with ``hf_attn_swap.pipeline.convert.convert_checkpoint``
 (the other keys of the section are its arguments). Rerunning an interrupted recipe resumes it.
 Same engine as ``hf-attn-swap uptrain`` (``hf_attn_swap.uptrain.uptrain``).
 """
@@ -23,7 +23,7 @@ def convert_if_missing(model: str, convert: dict | None) -> None:
     """Build ``model`` from the ``convert:`` section (once, on the main process) if it does not exist."""
     from accelerate import PartialState
 
-    from hf_attn_swap.checkpoint import convert_checkpoint
+    from hf_attn_swap.pipeline.convert import convert_checkpoint
     from hf_attn_swap.uptrain.config import resolve_source
     from hf_attn_swap.uptrain.run import cpu_only
 

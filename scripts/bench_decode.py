@@ -22,9 +22,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hf_attn_swap.checkpoint import convert_checkpoint  # noqa: E402
-from hf_attn_swap.cli import machine_info, markdown_table, write_json  # noqa: E402
-from hf_attn_swap.examples import example_model_path  # noqa: E402
+from hf_attn_swap.evaluate.suite import markdown_table  # noqa: E402
+from hf_attn_swap.io.examples import example_model_path  # noqa: E402
+from hf_attn_swap.io.folders import machine_info, write_json  # noqa: E402
+from hf_attn_swap.pipeline.convert import convert_checkpoint  # noqa: E402
 
 CONFIGS = [
     ("original (sdpa)", "original", "sdpa", "auto"),

@@ -2,11 +2,11 @@
 
 For each --method and --num-kv-heads: convert a copy of the encoder with ``convert_to_gqa``, embed held-out
 text paragraphs the sentence-transformers way (mean pooling, 256 tokens) and compare with the original's
-embeddings (cosine per paragraph, self-retrieval top-1; see ``hf_attn_swap.embeddings``).
+embeddings (cosine per paragraph, self-retrieval top-1; see ``hf_attn_swap.evaluate.embeddings``).
 
     python scripts/minilm_gqa_similarity.py --method mean --json results/minilm_mean.json
 
-Defaults: the first 256 prose paragraphs of the Python tutorial (held out; ``hf_attn_swap.data``), and for
+Defaults: the first 256 prose paragraphs of the Python tutorial (held out; ``hf_attn_swap.io.text``), and for
 methods that need calibration the first 8192 tokens of the library reference (disjoint from the tutorial).
 """
 
@@ -22,12 +22,13 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from hf_attn_swap import convert_to_gqa, get_adapter
-from hf_attn_swap.calibration import collect_calibration_from_files
-from hf_attn_swap.cli import machine_info, markdown_table, write_json
-from hf_attn_swap.data import default_eval_files, default_train_files
-from hf_attn_swap.embeddings import embedding_agreement, mean_pooled_embeddings, prose_paragraphs
-from hf_attn_swap.examples import example_model_path
-from hf_attn_swap.gqa import GQA_METHODS, kv_bytes_per_token
+from hf_attn_swap.evaluate.embeddings import embedding_agreement, mean_pooled_embeddings, prose_paragraphs
+from hf_attn_swap.evaluate.suite import markdown_table
+from hf_attn_swap.io.examples import example_model_path
+from hf_attn_swap.io.folders import machine_info, write_json
+from hf_attn_swap.io.text import default_eval_files, default_train_files
+from hf_attn_swap.methods.calibration import collect_calibration_from_files
+from hf_attn_swap.methods.gqa import GQA_METHODS, kv_bytes_per_token
 
 
 def main(argv=None) -> int:

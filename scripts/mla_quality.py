@@ -19,13 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hf_attn_swap
 
 from hf_attn_swap import convert_to_mla  # noqa: E402
-from hf_attn_swap.calibration import collect_attention_inputs  # noqa: E402
-from hf_attn_swap.checkpoint import load_causal_lm, load_tokenizer  # noqa: E402
-from hf_attn_swap.cli import machine_info, markdown_table, write_json  # noqa: E402
-from hf_attn_swap.data import default_eval_files, default_train_files, load_token_ids  # noqa: E402
-from hf_attn_swap.evaluation import evaluate_models, measure_kv_cache_bytes_per_token  # noqa: E402
-from hf_attn_swap.examples import example_model_path  # noqa: E402
-from hf_attn_swap.export import to_deepseek_v3  # noqa: E402
+from hf_attn_swap.evaluate.metrics import evaluate_models, measure_kv_cache_bytes_per_token  # noqa: E402
+from hf_attn_swap.evaluate.suite import markdown_table
+from hf_attn_swap.export.deepseek_v3 import to_deepseek_v3  # noqa: E402
+from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer  # noqa: E402
+from hf_attn_swap.io.examples import example_model_path  # noqa: E402
+from hf_attn_swap.io.folders import machine_info, write_json  # noqa: E402
+from hf_attn_swap.io.text import default_eval_files, default_train_files, load_token_ids  # noqa: E402
+from hf_attn_swap.methods.calibration import collect_attention_inputs  # noqa: E402
 
 COLUMNS = [
     ("budget", "KV budget"),

@@ -14,9 +14,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_attn_swap import convert_to_gqa
-from hf_attn_swap.cli import markdown_table
-from hf_attn_swap.evaluation import measure_kv_cache_bytes_per_token
-from hf_attn_swap.examples import example_model_path
+from hf_attn_swap.evaluate.metrics import measure_kv_cache_bytes_per_token
+from hf_attn_swap.evaluate.suite import markdown_table
+from hf_attn_swap.io.examples import example_model_path
 from hf_attn_swap.testing import tiny_model
 
 TINY = {

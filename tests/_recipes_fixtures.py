@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from hf_attn_swap.data import PYTHON_DOCS
+from hf_attn_swap.io.text import PYTHON_DOCS
 from hf_attn_swap.testing import TINY_TEXT, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def sample_text(part: str = "tutorial", chars: int = 40_000) -> str:
 
 def make_tiny_pair(root: Path) -> tuple[Path, Path]:
     """(original tiny Llama with 4 query / 2 KV heads, its mean-pooled MQA conversion with conversion.json)."""
-    from hf_attn_swap.checkpoint import convert_checkpoint
+    from hf_attn_swap.pipeline.convert import convert_checkpoint
 
     src = save_tiny_checkpoint(root / "tiny", num_attention_heads=4, num_key_value_heads=2)
     convert_checkpoint(src, root / "tiny-mqa", to="gqa", num_key_value_heads=1)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_attn_swap.architectures import get_adapter
-from hf_attn_swap.gqa.base import grouped, per_query_head
+from hf_attn_swap.adapters import get_adapter
+from hf_attn_swap.methods.gqa.base import grouped, per_query_head
 from hf_attn_swap.testing import tiny_model, tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

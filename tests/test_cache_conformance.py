@@ -19,10 +19,10 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from hf_attn_swap import LatentCache, convert_to_gqa, convert_to_mla
-from hf_attn_swap.evaluation import measure_kv_cache_bytes_per_token
-from hf_attn_swap.export import to_deepseek_v3
-from hf_attn_swap.models import compat
-from hf_attn_swap.models.compat import CacheNotUpdatedError, cache_kwargs, output_cache
+from hf_attn_swap.evaluate.metrics import measure_kv_cache_bytes_per_token
+from hf_attn_swap.export.deepseek_v3 import to_deepseek_v3
+from hf_attn_swap.modeling import compat
+from hf_attn_swap.modeling.compat import CacheNotUpdatedError, cache_kwargs, output_cache
 from hf_attn_swap.testing import tiny_model
 
 LAYERS, HEAD_DIM, KV_HEADS, RANK, ROPE_DIM = 2, 16, 2, 24, 8

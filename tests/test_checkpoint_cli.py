@@ -13,9 +13,10 @@ import pytest
 import torch
 from conftest import NATIVE_FAMILIES, PYTHON, subprocess_env, tree_digest
 
-from hf_attn_swap.checkpoint import convert_checkpoint, load_causal_lm
 from hf_attn_swap.cli import main
-from hf_attn_swap.report import load_report
+from hf_attn_swap.io.checkpoints import load_causal_lm
+from hf_attn_swap.methods.report import load_report
+from hf_attn_swap.pipeline.convert import convert_checkpoint
 from hf_attn_swap.testing import tiny_model
 
 STOCK_LOADER = textwrap.dedent(
@@ -130,7 +131,7 @@ KILLED_WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from transformers import PreTrainedModel
-    from hf_attn_swap.checkpoint import convert_checkpoint
+    from hf_attn_swap.pipeline.convert import convert_checkpoint
     real_save = PreTrainedModel.save_pretrained
     def slow_save(self, folder, **kwargs):
         real_save(self, folder, **kwargs)

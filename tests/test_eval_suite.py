@@ -10,10 +10,10 @@ import pytest
 import torch
 from _recipes_fixtures import make_tiny_setup, sample_text
 
-from hf_attn_swap.checkpoint import load_causal_lm, load_tokenizer
 from hf_attn_swap.cli import main as cli_main
-from hf_attn_swap.lm_eval_tasks import run_lm_eval, task_documents, task_sources
-from hf_attn_swap.speed import measure_decode_speed
+from hf_attn_swap.evaluate.speed import measure_decode_speed
+from hf_attn_swap.evaluate.tasks import run_lm_eval, task_documents, task_sources
+from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,6 @@ def test_decode_speed_refuses_contexts_beyond_the_model(pair):
 def test_decode_pad_id_keeps_zero_and_takes_the_first_eos(pad, eos, expected):
     from transformers import GenerationConfig
 
-    from hf_attn_swap.speed import pad_token_id
+    from hf_attn_swap.evaluate.speed import pad_token_id
 
     assert pad_token_id(GenerationConfig(pad_token_id=pad, eos_token_id=eos)) == expected

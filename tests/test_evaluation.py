@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from hf_attn_swap import convert_to_gqa
 from hf_attn_swap.cli import main
-from hf_attn_swap.data import load_token_ids, resolve_text_files
-from hf_attn_swap.evaluation import evaluate_models, measure_kv_cache_bytes_per_token, windows
+from hf_attn_swap.evaluate.metrics import evaluate_models, measure_kv_cache_bytes_per_token
+from hf_attn_swap.io.text import load_token_ids, resolve_text_files, windows
 from hf_attn_swap.testing import tiny_model, tiny_tokenizer
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import NATIVE_FAMILIES, make_groups_identical
 
 from hf_attn_swap import UnsupportedArchitectureError, convert_to_gqa
-from hf_attn_swap.architectures import get_adapter
+from hf_attn_swap.adapters import get_adapter
 from hf_attn_swap.testing import tiny_model
 
 # (query heads, KV heads before, KV heads after): MHA->GQA, MHA->MQA, GQA->MQA, 3 groups -> 1 like SmolLM2

@@ -17,12 +17,12 @@ from conftest import NATIVE_FAMILIES, PYTHON, make_groups_identical, subprocess_
 from test_checkpoint_cli import STOCK_LOADER
 
 from hf_attn_swap import convert_to_gqa
-from hf_attn_swap.architectures import get_adapter
-from hf_attn_swap.calibration import collect_attention_inputs, collect_calibration
-from hf_attn_swap.checkpoint import convert_checkpoint, load_causal_lm, load_tokenizer
+from hf_attn_swap.adapters import get_adapter
 from hf_attn_swap.cli import build_parser, main
-from hf_attn_swap.data import load_token_ids
-from hf_attn_swap.gqa import (
+from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer
+from hf_attn_swap.io.text import load_token_ids
+from hf_attn_swap.methods.calibration import collect_attention_inputs, collect_calibration
+from hf_attn_swap.methods.gqa import (
     GQA_METHODS,
     align_heads,
     balanced_partition,
@@ -31,9 +31,10 @@ from hf_attn_swap.gqa import (
     layer_context,
     permute_query_heads,
 )
-from hf_attn_swap.gqa import alignment as alignment_module
-from hf_attn_swap.gqa.statistics import from_complex, rotary_pairs, split_bias, to_complex, with_bias
-from hf_attn_swap.report import load_report
+from hf_attn_swap.methods.gqa import alignment as alignment_module
+from hf_attn_swap.methods.gqa.statistics import from_complex, rotary_pairs, split_bias, to_complex, with_bias
+from hf_attn_swap.methods.report import load_report
+from hf_attn_swap.pipeline.convert import convert_checkpoint
 from hf_attn_swap.testing import tiny_model
 
 CALIBRATED = ["group", "align", "fit", "group-align", "group-fit"]
@@ -402,7 +403,7 @@ def test_methods_without_calibration_name_the_flag(method, saved_tiny, tmp_path,
     def no_loading(*args, **kwargs):
         raise AssertionError("weights must not be loaded before the inputs are checked")
 
-    monkeypatch.setattr("hf_attn_swap.checkpoint.load_causal_lm", no_loading)
+    monkeypatch.setattr("hf_attn_swap.io.checkpoints.load_causal_lm", no_loading)
     with pytest.raises(
         ValueError, match=f"method '{method}' needs calibration text: pass --calibration-data"
     ):
@@ -427,10 +428,10 @@ def test_demo_takes_several_methods_and_rejects_unknown_ones(capsys):
 @pytest.mark.slow
 def test_smollm2_mqa_fit_cuts_the_perplexity_excess_of_mean_pooling_tenfold():
     """SmolLM2-135M 3 -> 1 KV heads, calibrated on library/ text, scored on held-out tutorial/ text."""
-    from hf_attn_swap.calibration import collect_calibration_from_files
-    from hf_attn_swap.data import PYTHON_DOCS, default_eval_files, default_train_files
-    from hf_attn_swap.evaluation import evaluate_models
-    from hf_attn_swap.examples import example_model_path
+    from hf_attn_swap.evaluate.metrics import evaluate_models
+    from hf_attn_swap.io.examples import example_model_path
+    from hf_attn_swap.io.text import PYTHON_DOCS, default_eval_files, default_train_files
+    from hf_attn_swap.methods.calibration import collect_calibration_from_files
 
     if not PYTHON_DOCS.is_dir():
         pytest.skip("apt-get install python3.11-doc")

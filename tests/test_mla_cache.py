@@ -7,9 +7,9 @@ import torch
 from transformers import DynamicCache
 
 from hf_attn_swap import LatentCache, convert_to_mla
-from hf_attn_swap.cache import LatentLayer
-from hf_attn_swap.evaluation import measure_kv_cache_bytes_per_token
-from hf_attn_swap.models.compat import cache_kwargs, output_cache
+from hf_attn_swap.evaluate.metrics import measure_kv_cache_bytes_per_token
+from hf_attn_swap.modeling.compat import cache_kwargs, output_cache
+from hf_attn_swap.modeling.latent_cache import LatentLayer
 from hf_attn_swap.testing import tiny_model
 
 
@@ -133,7 +133,7 @@ def test_backward_through_cached_decode_steps_matches_dynamic_cache():
 
 def test_latent_and_rope_key_form_one_joint_key_row_per_token():
     """latent_sdpa decodes against [c ; k_rope] as one key of dim r + d_rope without copying the cache."""
-    from hf_attn_swap.attention import _joint_view
+    from hf_attn_swap.modeling.latent_attention import _joint_view
 
     layer = LatentLayer()
     latent, rope = torch.randn(2, 1, 7, 6), torch.randn(2, 1, 7, 4)

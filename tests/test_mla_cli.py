@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_attn_swap.cli import main
-from hf_attn_swap.mla import MLAForCausalLM
+from hf_attn_swap.modeling.mla import MLAForCausalLM
 from hf_attn_swap.testing import tiny_model
 
 DATA_FREE = ["--factorization", "svd"]  # the tiny source has no tokenizer for calibration text

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from hf_attn_swap import UnsupportedArchitectureError, convert_to_mla
-from hf_attn_swap.calibration import collect_attention_inputs
-from hf_attn_swap.mla import MLAConfig, MLAForCausalLM, allocate_ranks, joint_kv, select_rope_pairs
+from hf_attn_swap.methods.calibration import collect_attention_inputs
+from hf_attn_swap.methods.mla import allocate_ranks, joint_kv, select_rope_pairs
+from hf_attn_swap.modeling.mla import MLAConfig, MLAForCausalLM
 from hf_attn_swap.testing import tiny_model
 
 # (family, query heads, KV heads): MHA, GQA with q/k/v biases, MQA

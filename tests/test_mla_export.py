@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_attn_swap import LatentCache, convert_to_mla
-from hf_attn_swap.evaluation import measure_kv_cache_bytes_per_token
-from hf_attn_swap.export import NORM_ERROR_TARGETS, dominant_channel, to_deepseek_v3
-from hf_attn_swap.models.compat import cache_kwargs
+from hf_attn_swap.evaluate.metrics import measure_kv_cache_bytes_per_token
+from hf_attn_swap.export.deepseek_v3 import NORM_ERROR_TARGETS, dominant_channel, to_deepseek_v3
+from hf_attn_swap.modeling.compat import cache_kwargs
 from hf_attn_swap.testing import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_low_precision_export_stays_at_the_dtypes_rounding_level(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_convert_and_export_a_model_on_the_gpu():
     """The float64 decompositions run on the CPU whatever the model's device; the results go back to it."""
-    from hf_attn_swap.calibration import collect_attention_inputs
+    from hf_attn_swap.methods.calibration import collect_attention_inputs
 
     cpu = tiny_model("qwen2", num_attention_heads=4, num_key_value_heads=2)
     gpu = copy.deepcopy(cpu).cuda()

@@ -6,8 +6,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_attn_swap import LatentCache, convert_to_mla
-from hf_attn_swap.attention import latent_sdpa_attention_forward
-from hf_attn_swap.models.compat import cache_kwargs
+from hf_attn_swap.modeling.compat import cache_kwargs
+from hf_attn_swap.modeling.latent_attention import latent_sdpa_attention_forward
 from hf_attn_swap.testing import tiny_model
 
 VARIANTS = {

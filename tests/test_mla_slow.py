@@ -7,11 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_attn_swap import LatentCache, convert_to_mla
-from hf_attn_swap.checkpoint import convert_checkpoint, load_causal_lm, load_tokenizer
-from hf_attn_swap.data import default_eval_files, load_token_ids
-from hf_attn_swap.evaluation import measure_kv_cache_bytes_per_token
-from hf_attn_swap.examples import example_model_path
-from hf_attn_swap.models.compat import cache_kwargs
+from hf_attn_swap.evaluate.metrics import measure_kv_cache_bytes_per_token
+from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer
+from hf_attn_swap.io.examples import example_model_path
+from hf_attn_swap.io.text import default_eval_files, load_token_ids
+from hf_attn_swap.modeling.compat import cache_kwargs
+from hf_attn_swap.pipeline.convert import convert_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_attn_swap
 from hf_attn_swap import UnsupportedArchitectureError, convert_to_gqa, get_adapter
-from hf_attn_swap.calibration import collect_attention_inputs
-from hf_attn_swap.evaluation import measure_kv_cache_bytes_per_token
-from hf_attn_swap.gqa import GQAMethod, MeanPooling
+from hf_attn_swap.evaluate.metrics import measure_kv_cache_bytes_per_token
+from hf_attn_swap.methods.calibration import collect_attention_inputs
+from hf_attn_swap.methods.gqa import GQAMethod, MeanPooling
 from hf_attn_swap.testing import repeated_kv_reference, tiny_model
 
 #: name -> (model_type, Auto class, config overrides); every case has 4 query heads and 4 KV heads
@@ -225,7 +225,7 @@ def test_save_load_round_trip_in_fresh_process(saved, name, mode):
     want_outputs, want_class = expected[name]
     assert loaded["class"] == want_class
     assert loaded["module"].startswith(
-        "hf_attn_swap.models." if mode == "package" else "transformers_modules."
+        "hf_attn_swap.modeling." if mode == "package" else "transformers_modules."
     )
     assert torch.equal(loaded["outputs"], want_outputs)
     if name in CAUSAL:
@@ -239,7 +239,7 @@ def test_save_load_round_trip_in_fresh_process(saved, name, mode):
 @pytest.mark.parametrize("name", list(CASES))
 def test_convert_checkpoint_of_a_from_pretrained_source(saved_tiny, tmp_path, name):
     """Folder to folder: keys renamed by the stock loader (GPT-NeoX's embed_out) survive the plugin round trip."""
-    from hf_attn_swap.checkpoint import convert_checkpoint
+    from hf_attn_swap.pipeline.convert import convert_checkpoint
 
     model_type, auto_class, overrides = CASES[name]
     src = saved_tiny(model_type, auto_class=auto_class, **overrides)
@@ -261,7 +261,7 @@ def test_plugin_classes_are_registered_with_auto_classes():
     model = AutoModelForCausalLM.from_config(config)
     assert type(model).__name__ == "GroupedGPT2LMHeadModel"
     assert model.transformer.h[0].attn.c_attn.weight.shape == (64, 64 + 2 * 2 * 16)
-    assert hf_attn_swap.models.FAMILIES.keys() == {"gpt2", "gpt_neox", "opt", "falcon", "bert"}
+    assert hf_attn_swap.modeling.FAMILIES.keys() == {"gpt2", "gpt_neox", "opt", "falcon", "bert"}
 
 
 # -- refusals -------------------------------------------------------------------------------------------------
@@ -313,10 +313,10 @@ def test_real_minilm_gqa_matches_repeated_kv_reference_with_right_padding(tmp_pa
     of the folder ``hf-attn-swap convert`` writes."""
     from transformers import AutoTokenizer
 
-    from hf_attn_swap.checkpoint import convert_checkpoint
-    from hf_attn_swap.data import default_eval_files
-    from hf_attn_swap.embeddings import mean_pooled_embeddings, prose_paragraphs
-    from hf_attn_swap.examples import example_model_path
+    from hf_attn_swap.evaluate.embeddings import mean_pooled_embeddings, prose_paragraphs
+    from hf_attn_swap.io.examples import example_model_path
+    from hf_attn_swap.io.text import default_eval_files
+    from hf_attn_swap.pipeline.convert import convert_checkpoint
 
     try:
         path = example_model_path("minilm")

@@ -14,7 +14,7 @@ from _recipes_fixtures import REPO, make_tiny_pair
 from hub_server import LocalHub
 
 from hf_attn_swap.cli import main as cli_main
-from hf_attn_swap.hub import model_card
+from hf_attn_swap.pipeline.hub import model_card
 
 TOKEN = "hf_testTOKENdoNotLeak0123456789"
 
@@ -165,7 +165,7 @@ def test_model_card_for_a_plugin_format_points_to_the_plugin(converted, tmp_path
 
 
 def test_pickle_shard_indexes_are_skipped_with_their_shards(tmp_path):
-    from hf_attn_swap.hub import files_to_upload
+    from hf_attn_swap.pipeline.hub import files_to_upload
 
     for name in ("model.safetensors", "pytorch_model.bin", "pytorch_model.bin.index.json", "config.json"):
         (tmp_path / name).write_text("{}")

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from hf_attn_swap import convert_to_gqa
-from hf_attn_swap.checkpoint import convert_checkpoint, load_causal_lm, load_tokenizer
-from hf_attn_swap.data import PYTHON_DOCS, default_eval_files, load_token_ids
-from hf_attn_swap.evaluation import evaluate_models, measure_kv_cache_bytes_per_token
-from hf_attn_swap.examples import EXAMPLES, ExampleModel, example_model_path
+from hf_attn_swap.evaluate.metrics import evaluate_models, measure_kv_cache_bytes_per_token
+from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer
+from hf_attn_swap.io.examples import EXAMPLES, ExampleModel, example_model_path
+from hf_attn_swap.io.text import PYTHON_DOCS, default_eval_files, load_token_ids
+from hf_attn_swap.pipeline.convert import convert_checkpoint
 
 needs_docs = pytest.mark.skipif(not PYTHON_DOCS.is_dir(), reason="apt-get install python3.11-doc")
 

@@ -305,7 +305,7 @@ def test_layerwise_and_lora_work_on_an_mla_form_attention(tiny, tmp_path):
 
 def test_output_keeps_the_source_dtype(tiny, tmp_path):
     """Training runs in float32; a bfloat16 checkpoint comes back as bfloat16 (after the float32 eval)."""
-    from hf_attn_swap.checkpoint import convert_checkpoint
+    from hf_attn_swap.pipeline.convert import convert_checkpoint
 
     convert_checkpoint(tiny["src"], tmp_path / "bf16", to="gqa", num_key_value_heads=1, dtype="bfloat16")
     cfg = config(tiny, tmp_path / "out", model=str(tmp_path / "bf16"), mode="lora", max_tokens=256)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hf_attn_swap.checkpoint import convert_checkpoint
-from hf_attn_swap.data import default_eval_files, default_train_files
-from hf_attn_swap.examples import example_model_path
+from hf_attn_swap.io.examples import example_model_path
+from hf_attn_swap.io.text import default_eval_files, default_train_files
+from hf_attn_swap.pipeline.convert import convert_checkpoint
 from hf_attn_swap.uptrain import UptrainConfig, uptrain
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..architectures import UnsupportedArchitectureError, get_adapter
+from ..adapters import UnsupportedArchitectureError, get_adapter
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -35,7 +35,7 @@ class UptrainConfig:
 
     model: str | None = None
     output: str | None = None
-    data: list[str] | None = None  # default: hf_attn_swap.data.default_train_files() (Python library docs)
+    data: list[str] | None = None  # default: hf_attn_swap.io.text.default_train_files() (Python library docs)
     max_tokens: int | None = None
     mode: str = "layerwise"  # full | lora | distill | layerwise
     teacher: str | None = None  # default: the source recorded in MODEL/conversion.json
@@ -134,7 +134,7 @@ def resolve_source(source: str | Path) -> Path:
     """Recipe paths: ``example:NAME`` is the packaged example model's folder, anything else a path."""
     source = str(source)
     if source.startswith("example:"):
-        from ..examples import example_model_path
+        from ..io.examples import example_model_path
 
         return example_model_path(source.split(":", 1)[1])
     return Path(source).expanduser()

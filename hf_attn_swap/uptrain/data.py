@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..data import default_train_files, load_token_ids, resolve_text_files
+from ..io.text import default_train_files, load_token_ids, resolve_text_files
 
 
 def packed_blocks(tokenizer, data, block_size: int, max_blocks: int):

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import copy_tokenizer_files, load_causal_lm, load_tokenizer
-from ..data import default_eval_files, default_train_files, resolve_text_files
-from ..io import atomic_output_dir, check_output, check_source, overlaps
-from ..report import REPORT_FILE, load_report
+from ..io.checkpoints import copy_tokenizer_files, load_causal_lm, load_tokenizer
+from ..io.folders import atomic_output_dir, check_output, check_source, overlaps
+from ..io.text import default_eval_files, default_train_files, resolve_text_files
+from ..methods.report import REPORT_FILE, load_report
 from .base import Objective, freeze_matching
 from .config import UptrainConfig
 from .data import packed_blocks, steps_for_budget
@@ -112,8 +112,8 @@ def validate(config: UptrainConfig) -> tuple[Objective, Path, Path, Path | None,
 
 
 def _eval_perplexity(model, tokenizer, config: UptrainConfig) -> dict:
-    from ..data import load_token_ids
-    from ..evaluation import evaluate_models
+    from ..evaluate.metrics import evaluate_models
+    from ..io.text import load_token_ids
 
     ids = load_token_ids(tokenizer, config.eval_data or default_eval_files(), config.eval_tokens)
     result = evaluate_models({"m": model}, ids, window=config.eval_window, progress=config.progress)["m"]
@@ -284,7 +284,7 @@ def _gather_trained_model(trainer, objective, model_path: Path, stage: Path, sha
 
 
 def _write_output(final, model_path, output, config, record, history, tokens_per_step) -> None:
-    from ..plots import plot_loss_curve
+    from ..evaluate.plots import plot_loss_curve
 
     with atomic_output_dir(output, overwrite=config.overwrite) as tmp:
         final.save_pretrained(tmp)

@@ -1,0 +1,160 @@
+"""The adapter contract: where one model family keeps its attention, in one canonical form.
+
+Every converter in this package works on :class:`AttentionWeights` (head-major tensors) and never on a
+family's own module layout. An adapter reads those tensors out of a family's attention module and writes
+them back (resizing projections and fixing the module attributes derived from head counts), so a new family
+is one small file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RopeInfo:
+    """How a family applies rotary position embeddings to each head.
+
+    style: ``"half"`` (Llama ``rotate_half``: pair i is dims (i, i + rotary_dim/2)),
+           ``"interleaved"`` (GPT-J: pair i is dims (2i, 2i+1)) or ``"none"`` (absolute/learned positions).
+    rotary_dim: leading dims of each head that are rotated (``head_dim * partial_rotary_factor``).
+    inv_freq: [rotary_dim/2] angular frequency of each pair (None when style is "none").
+    """
+
+    style: str
+    rotary_dim: int
+    inv_freq: torch.Tensor | None = None
+
+    def pair_indices(self) -> torch.Tensor:
+        """[rotary_dim/2, 2] the two head dims rotated together by each frequency."""
+        half = self.rotary_dim // 2
+        i = torch.arange(half)
+        if self.style == "half":
+            return torch.stack([i, i + half], dim=1)
+        if self.style == "interleaved":
+            return torch.stack([2 * i, 2 * i + 1], dim=1)
+        raise ValueError(f"rope style {self.style!r} has no rotary pairs")
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Head counts and sizes of a model's attention, read from its config."""
+
+    family: str
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope: RopeInfo
+    causal: bool = True
+
+    @property
+    def group_size(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+@dataclass
+class AttentionWeights:
+    """One layer's attention projections, head-major, in the math convention ``y = x W^T + b``.
+
+    q: [H, d, hidden]      q_bias: [H, d] | None
+    k: [H_kv, d, hidden]   k_bias: [H_kv, d] | None
+    v: [H_kv, d, hidden]   v_bias: [H_kv, d] | None
+    o: [hidden, H, d]      o_bias: [hidden] | None
+    Query head j attends with key/value head ``j // (H / H_kv)``.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.k.shape[0]
+
+    def cpu(self) -> AttentionWeights:
+        """The same weights on the CPU (methods compute there: their statistics live there)."""
+        moved = {name: None if t is None else t.cpu() for name, t in self.tensors().items()}
+        return replace(self, **moved)
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """The projections and biases by name (``extra`` excluded)."""
+        return {
+            name: getattr(self, name) for name in ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias")
+        }
+
+    def to(self, dtype: torch.dtype) -> AttentionWeights:
+        cast = {name: None if t is None else t.to(dtype, copy=True) for name, t in self.tensors().items()}
+        return replace(self, **cast)
+
+
+def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` [out, in] / ``bias`` [out], on ``like``'s device and dtype."""
+    ref = like.weight
+    layer = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=ref.device, dtype=ref.dtype
+    )
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.weight.requires_grad_(ref.requires_grad)
+    return layer
+
+
+class ArchitectureAdapter:
+    """Base class: one subclass per model family (see ``llama.py`` and ``phi3.py``)."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    #: stock transformers can load a changed KV head count from ``config.num_key_value_heads``
+    native_gqa: bool = True
+
+    # -- reading the model -------------------------------------------------------------------------------
+    def layout(self, config, model: nn.Module | None = None) -> AttentionLayout:
+        """Head counts from ``config``; pass ``model`` to also read the RoPE frequencies (``rope.inv_freq``)."""
+        raise NotImplementedError
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The attention module of every decoder layer, in layer order."""
+        raise NotImplementedError
+
+    def rotary_embedding(self, model: nn.Module) -> nn.Module | None:
+        """The model's rotary-embedding module (holds ``inv_freq``), if any."""
+        for module in model.modules():
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                return module
+        return None
+
+    def read(self, attn: nn.Module) -> AttentionWeights:
+        raise NotImplementedError
+
+    # -- writing the model -------------------------------------------------------------------------------
+    def write(self, attn: nn.Module, weights: AttentionWeights) -> None:
+        """Replace the projections of ``attn`` with ``weights`` (head counts may change)."""
+        raise NotImplementedError
+
+    def set_num_key_value_heads(self, model: nn.Module, num_key_value_heads: int) -> None:
+        """Record a new KV head count in the config and in every attention module."""
+        model.config.num_key_value_heads = num_key_value_heads
+        for attn in self.attention_modules(model):
+            self._set_module_kv_heads(attn, model.config, num_key_value_heads)
+
+    def _set_module_kv_heads(self, attn: nn.Module, config, num_key_value_heads: int) -> None:
+        attn.num_key_value_groups = config.num_attention_heads // num_key_value_heads
+        if hasattr(attn, "num_key_value_heads"):
+            attn.num_key_value_heads = num_key_value_heads

@@ -1,0 +1,187 @@
+"""Several checkpoints, one report: perplexity / KL / measured KV bytes (``evaluate_checkpoints``), lm-eval
+tasks, decode tokens/s at several context lengths; as JSON-ready dicts, a markdown table and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def evaluate_suite(
+    models: dict[str, str],
+    data=None,
+    reference: str | None = None,
+    max_tokens: int = 4096,
+    window: int = 1024,
+    batch_size: int = 1,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    tasks: list[str] | None = None,
+    task_limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    task_data=None,
+    decode_contexts: list[int] | None = None,
+    new_tokens: int = 32,
+) -> dict[str, dict]:
+    """name -> metrics. Always: the ``eval`` keys (perplexity, tokens, kl_to_reference,
+    kv_cache_bytes_per_token, ...). With ``tasks``: ``lm_eval`` = {task: {metric: value}}. With
+    ``decode_contexts``: ``decode`` = [{context, decode_tokens_per_second, ...}]."""
+    from ..io.checkpoints import load_causal_lm, load_tokenizer
+
+    results = evaluate_checkpoints(
+        models, data, reference, max_tokens, window, batch_size, dtype, attn_implementation
+    )
+    if not tasks and not decode_contexts:
+        return results
+    from .speed import measure_decode_speed
+    from .tasks import run_lm_eval
+
+    for name, path in models.items():
+        model = load_causal_lm(path, dtype, attn_implementation)
+        if tasks:
+            tokenizer = load_tokenizer(path)
+            results[name]["lm_eval"] = run_lm_eval(
+                model,
+                tokenizer,
+                tasks,
+                data=task_data or data,
+                limit=task_limit,
+                num_fewshot=num_fewshot,
+                batch_size=batch_size,
+            )
+        if decode_contexts:
+            results[name]["decode"] = [
+                measure_decode_speed(model, context, new_tokens) for context in sorted(decode_contexts)
+            ]
+        del model
+    return results
+
+
+def flat_row(name: str, result: dict) -> dict:
+    """One table row: the plain metrics plus ``<task> <metric>`` and ``tok/s @<context>`` columns."""
+    row = {"name": name, **{k: v for k, v in result.items() if not isinstance(v, (dict, list))}}
+    for task, metrics in (result.get("lm_eval") or {}).items():
+        for metric, value in metrics.items():
+            if metric != "samples":
+                row[f"{task} {metric}"] = value
+    for speed in result.get("decode") or []:
+        row[f"tok/s @{speed['context']}"] = speed["decode_tokens_per_second"]
+    return row
+
+
+def suite_markdown(results: dict[str, dict]) -> str:
+
+    rows = [flat_row(name, r) for name, r in results.items()]
+    extra = []
+    for row in rows:
+        extra += [k for k in row if (" " in k and k not in extra and k not in dict(EVAL_COLUMNS))]
+    columns = EVAL_COLUMNS + [(k, k) for k in extra]
+    return markdown_table(rows, columns)
+
+
+def suite_plots(results: dict[str, dict], folder) -> list[Path]:
+    """``quality_vs_kv.png`` (perplexity and each task's first metric vs measured KV bytes/token) and,
+    when decode speed was measured, ``decode_speed.png``."""
+    from .plots import plot_decode_speed, plot_quality_vs_kv
+
+    folder = Path(folder).expanduser()
+    rows = {name: flat_row(name, r) for name, r in results.items()}
+    metrics = [("perplexity", "perplexity")]
+    for r in results.values():
+        for task, task_metrics in (r.get("lm_eval") or {}).items():
+            first = next((m for m in ("acc", "acc_norm", "exact_match") if m in task_metrics), None)
+            if first and (f"{task} {first}", f"{task} {first}") not in metrics:
+                metrics.append((f"{task} {first}", f"{task} {first}"))
+    paths = [plot_quality_vs_kv(rows, folder / "quality_vs_kv.png", metrics)]
+    speeds = {name: r["decode"] for name, r in results.items() if r.get("decode")}
+    if speeds:
+        paths.append(plot_decode_speed(speeds, folder / "decode_speed.png"))
+    return paths
+
+
+EVAL_DEFAULTS = {"max_tokens": 16384, "window": 1024}
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """``columns``: (key, header). Floats get 4 significant decimals, None prints as an em dash."""
+
+    def fmt(value):
+        if value is None:
+            return "—"
+        if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+            return str(int(value))
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+        return str(value)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(k)) for k, _ in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def evaluate_checkpoints(
+    models: dict[str, str],
+    data,
+    reference: str | None,
+    max_tokens: int,
+    window: int,
+    batch_size: int = 1,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+) -> dict[str, dict]:
+    """Load each checkpoint (name -> path) once, evaluate all on the same windows; adds measured KV bytes."""
+    from ..io.checkpoints import load_causal_lm, load_tokenizer
+    from ..io.text import default_eval_files, load_token_ids, resolve_text_files
+    from .metrics import evaluate_models, measure_kv_cache_bytes_per_token
+
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
+    files = resolve_text_files(data or default_eval_files())
+    first_path = next(iter(models.values()))
+    tokenizer = load_tokenizer(reference or first_path)
+    token_ids = load_token_ids(tokenizer, files, max_tokens)
+    loaded = {name: load_causal_lm(path, dtype, attn_implementation) for name, path in models.items()}
+    ref_model = None
+    if reference is not None:
+        same = [name for name, path in models.items() if Path(path).resolve() == Path(reference).resolve()]
+        ref_model = loaded[same[0]] if same else load_causal_lm(reference, dtype, attn_implementation)
+        vocab_ref = ref_model.get_output_embeddings().weight.shape[0]
+        for name, model in loaded.items():
+            if model.get_output_embeddings().weight.shape[0] != vocab_ref:
+                raise ValueError(f"{name} and the reference have different vocabularies: KL is undefined")
+    results = evaluate_models(loaded, token_ids, window=window, reference=ref_model, batch_size=batch_size)
+    for name, model in loaded.items():
+        results[name].update(
+            model=str(models[name]),
+            reference=None if reference is None else str(reference),
+            num_key_value_heads=getattr(model.config, "num_key_value_heads", None),
+            kv_cache_bytes_per_token=measure_kv_cache_bytes_per_token(model, token_ids[:16]),
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            attn_implementation=model.config._attn_implementation,
+            data=[str(f) for f in files[:50]] + ([f"... {len(files) - 50} more"] if len(files) > 50 else []),
+            max_tokens=max_tokens,
+        )
+    return results
+
+
+EVAL_COLUMNS = [
+    ("name", "model"),
+    ("num_key_value_heads", "KV heads"),
+    ("kv_cache_bytes_per_token", "KV bytes/token (measured)"),
+    ("perplexity", "perplexity"),
+    ("kl_to_reference", "KL to reference (nats)"),
+    ("top1_agreement", "top-1 agreement"),
+    ("tokens", "scored tokens"),
+]
+
+
+def parse_model_specs(specs: list[str]) -> dict[str, str]:
+    """``PATH`` or ``NAME=PATH`` -> {name: path} (name defaults to the folder name)."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or Path(spec).expanduser().exists():
+            name, path = Path(spec).name, spec
+        if name in models:
+            raise ValueError(f"two models are named {name!r}: give them names with NAME=PATH")
+        models[name] = path
+    return models

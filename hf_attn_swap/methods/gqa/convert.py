@@ -1,0 +1,161 @@
+"""``convert_to_gqa``: rewrite a loaded model's attention in place to fewer KV heads (MQA at 1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...adapters import AttentionLayout, get_adapter
+from ..calibration import Calibration
+from ..report import ConversionReport, kv_bytes_per_token, model_dtype
+from .alignment import AlignedMean
+from .base import GQAMethod, LayerContext
+from .fit import ActivationFit
+from .grouping import SimilarityGrouping
+from .mean import MeanPooling
+
+GQA_METHODS: dict[str, GQAMethod] = {}
+
+
+def register_gqa_method(method: GQAMethod) -> GQAMethod:
+    GQA_METHODS[method.name] = method
+    return method
+
+
+register_gqa_method(MeanPooling())
+register_gqa_method(AlignedMean())
+register_gqa_method(ActivationFit())
+register_gqa_method(SimilarityGrouping("group", MeanPooling(), aligned=False))
+register_gqa_method(SimilarityGrouping("group-align", AlignedMean(), aligned=True))
+register_gqa_method(SimilarityGrouping("group-fit", ActivationFit(), aligned=True))
+
+
+def validate_num_key_value_heads(layout: AttentionLayout, num_key_value_heads) -> int:
+    """Check a target KV head count against a layout; returns it as int or raises ``ValueError``."""
+    h, current = layout.num_attention_heads, layout.num_key_value_heads
+    if isinstance(num_key_value_heads, bool) or not isinstance(num_key_value_heads, int):
+        raise ValueError(f"num_key_value_heads must be an int, got {num_key_value_heads!r}")
+    valid = [n for n in range(1, current + 1) if h % n == 0]
+    if num_key_value_heads < 1 or num_key_value_heads > current or h % num_key_value_heads:
+        reason = (
+            "must be at least 1"
+            if num_key_value_heads < 1
+            else f"is larger than the current {current} KV heads (this converter only removes heads)"
+            if num_key_value_heads > current
+            else f"does not divide the {h} query heads"
+        )
+        raise ValueError(
+            f"num_key_value_heads={num_key_value_heads} {reason}. Valid choices for this {layout.family} model "
+            f"({h} query heads, {current} KV heads): {valid} (1 = MQA)."
+        )
+    return num_key_value_heads
+
+
+def layer_context(
+    attn: nn.Module,
+    layer_idx: int,
+    layout: AttentionLayout,
+    num_key_value_heads: int,
+    inputs: torch.Tensor | None = None,
+    key_weights: torch.Tensor | None = None,
+) -> LayerContext:
+    """What a method sees of one attention module: target head count, calibration inputs, q/k norm weights."""
+
+    def norm_weight(name):  # a per-head norm on q or k (Qwen3's ``q_norm``/``k_norm``), if any
+        weight = getattr(getattr(attn, name, None), "weight", None)
+        return None if weight is None else weight.detach().float().cpu()
+
+    return LayerContext(
+        layer_idx=layer_idx,
+        layout=layout,
+        num_key_value_heads=num_key_value_heads,
+        inputs=None if inputs is None else inputs.float(),
+        key_weights=None if key_weights is None else key_weights.float(),
+        q_norm_weight=norm_weight("q_norm"),
+        k_norm_weight=norm_weight("k_norm"),
+    )
+
+
+def convert_to_gqa(
+    model: nn.Module,
+    num_key_value_heads: int,
+    method: str | GQAMethod = "mean",
+    calibration: Calibration | list[torch.Tensor] | None = None,
+) -> ConversionReport:
+    """Rewrite ``model`` in place so every attention layer has ``num_key_value_heads`` K/V heads.
+
+    Weights, biases, module attributes and ``model.config.num_key_value_heads`` are updated; for families
+    with native GQA the result saves and loads with stock transformers. Arithmetic is done in float32 and
+    cast back to the model's dtype. ``calibration``: ``hf_attn_swap.methods.calibration.Calibration`` (or just its
+    per-layer attention inputs [N, hidden]) for methods with ``needs_calibration``; methods with
+    ``uses_key_weights`` also use its ``key_weights`` when present.
+
+    Raises ``ValueError`` (before touching the model) for a head count that is not in
+    ``{n <= H_kv : H % n == 0}``, and ``UnsupportedArchitectureError`` for unknown families.
+    """
+    adapter = get_adapter(model)
+    layout = adapter.layout(model.config, model)
+    num_key_value_heads = validate_num_key_value_heads(layout, num_key_value_heads)
+    if isinstance(method, str):
+        if method not in GQA_METHODS:
+            raise ValueError(f"unknown GQA method {method!r}; choose one of {sorted(GQA_METHODS)}")
+        method = GQA_METHODS[method]
+    dtype = model_dtype(model)
+    before = kv_bytes_per_token(layout, layout.num_key_value_heads, dtype)
+    report = ConversionReport(
+        target="gqa",
+        method=method.name,
+        family=layout.family,
+        num_layers=layout.num_layers,
+        num_attention_heads=layout.num_attention_heads,
+        head_dim=layout.head_dim,
+        dtype=str(dtype).removeprefix("torch."),
+        kv_bytes_per_token_before=before,
+        kv_bytes_per_token_after=kv_bytes_per_token(layout, num_key_value_heads, dtype),
+        before={"num_key_value_heads": layout.num_key_value_heads},
+        after={"num_key_value_heads": num_key_value_heads},
+        changed=num_key_value_heads != layout.num_key_value_heads,
+    )
+    if not report.changed:
+        return report
+    attention = adapter.attention_modules(model)
+    if len(attention) != layout.num_layers:
+        raise ValueError(
+            f"found {len(attention)} {layout.family} attention modules but config says {layout.num_layers} layers"
+        )
+    if not isinstance(calibration, Calibration):
+        calibration = None if calibration is None else Calibration(list(calibration))
+    if method.needs_calibration and (calibration is None or len(calibration.inputs) != len(attention)):
+        raise ValueError(
+            f"method {method.name!r} needs calibration activations for each of the {len(attention)} layers: "
+            "pass calibration=hf_attn_swap.methods.calibration.collect_calibration(model, token_ids) "
+            "(CLI: --calibration-data FILE...)"
+        )
+    key_weights = None if calibration is None else calibration.key_weights
+    if method.needs_calibration:
+        report.details["calibration_tokens"] = int(calibration.inputs[0].shape[0])
+        report.details["key_weights"] = (
+            "attention received" if key_weights and method.uses_key_weights else None
+        )
+    # Compute every layer first, then write: a failing method leaves the model untouched.
+    new_weights = []
+    with torch.no_grad():
+        for idx, attn in enumerate(attention):
+            ctx = layer_context(
+                attn,
+                idx,
+                layout,
+                num_key_value_heads,
+                None if calibration is None else calibration.inputs[idx],
+                None if key_weights is None else key_weights[idx],
+            )
+            weights = adapter.read(attn).to(torch.float32)
+            if method.needs_calibration:  # calibration statistics live on the CPU; write() moves weights back
+                weights = weights.cpu()
+            new_weights.append(method.convert_layer(weights, ctx).to(dtype))
+            if "head_order" in ctx.cache:
+                report.details.setdefault("head_order", []).append(ctx.cache["head_order"])
+        for attn, weights in zip(attention, new_weights, strict=True):
+            adapter.write(attn, weights)
+    adapter.set_num_key_value_heads(model, num_key_value_heads)
+    return report

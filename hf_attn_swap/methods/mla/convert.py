@@ -1,0 +1,433 @@
+"""``convert_to_mla``: rewrite a loaded Llama-family model's attention in place into multi-head latent attention.
+
+Per layer (math in float64, then cast to the model's dtype):
+1. choose the rotary pairs that keep RoPE (``rope.select_rope_pairs``) and mix each group of KV heads into one
+   shared rope key per pair (``rope.rope_key_mixing``); the rest of every key becomes position-free (NoPE);
+2. factor [K_nope ; V] into a rank-r latent (``factorize.joint_kv``), r per layer from ``budget.allocate_ranks``;
+3. fold the change of softmax scale, head_dim^-0.5 -> (d_nope + d_rope)^-0.5, into q_proj; drop the NoPE key
+   bias (it adds the same q.b to every key of a query, which softmax ignores) and fold the value bias into the
+   o_proj bias (attention weights sum to 1).
+With every rotary pair kept, one rope key per KV head and full rank, the result equals the source exactly.
+
+The model becomes an :class:`~hf_attn_swap.modeling.mla.MLAForCausalLM` (plugin format, saves and loads with
+``import hf_attn_swap``); ``hf_attn_swap.export.to_deepseek_v3`` turns the DeepSeek-expressible subset into stock
+``deepseek_v3``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...adapters import AttentionLayout, UnsupportedArchitectureError, get_adapter
+from ...modeling.mla import MLAAttention, MLAConfig, MLADecoderLayer, MLAForCausalLM, MLAModel
+from ..gqa.base import per_query_head
+from ..report import ConversionReport, kv_bytes_per_token, model_dtype
+from .budget import RANK_ALLOCATIONS, allocate_ranks
+from .factorize import FACTORIZATIONS, JointKV, joint_kv
+from .rope import pair_dims, rope_key_mixing, select_rope_pairs, validate_rope_dim
+
+#: config fields of the Llama-style decoder that every format carries over unchanged
+DECODER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache",
+                  "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_dropout")  # fmt: skip
+#: source families with Llama's decoder (RMSNorm, gated MLP, rotate-half RoPE, separate q/k/v/o)
+MLA_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class MLALayerWeights:
+    """One converted layer in the math convention y = x W^T + b.
+
+    q [H, d_nope + d_rope, hidden] (nope dims, then rope dims in rotate-half order), q_bias [H, d_nope + d_rope];
+    kv_down [r, hidden] (latent c = kv_down x); rope_key [n, d_rope, hidden], rope_key_bias [n, d_rope];
+    kv_up [H, d_nope + d_v, r] (W_UK rows, then W_UV rows); o [hidden, H, d_v], o_bias [hidden];
+    rope_pairs: kept source rotary pairs.
+    """
+
+    q: torch.Tensor
+    kv_down: torch.Tensor
+    rope_key: torch.Tensor
+    kv_up: torch.Tensor
+    o: torch.Tensor
+    rope_pairs: list[int]
+    q_bias: torch.Tensor | None = None
+    rope_key_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+
+
+def max_kv_lora_rank(layout: AttentionLayout) -> int:
+    """The rank of [K ; V] is at most min(hidden, 2 H_kv head_dim): larger latents cannot hold more."""
+    return min(layout.hidden_size, 2 * layout.num_key_value_heads * layout.head_dim)
+
+
+def mla_kv_bytes_per_token(ranks: list[int], qk_rope_head_dim: int, num_rope_key_heads: int, dtype) -> int:
+    """sum over layers of (r_l + n * d_rope) * bytes."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return sum(r + num_rope_key_heads * qk_rope_head_dim for r in ranks) * element
+
+
+def _check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def validate_mla_options(
+    config,
+    kv_lora_rank,
+    qk_rope_head_dim,
+    rope_selection: str = "uniform",
+    factorization: str = "svd",
+    num_rope_key_heads=1,
+    rank_allocation: str = "uniform",
+) -> AttentionLayout:
+    """Everything checkable from the config; raises ``ValueError`` / ``UnsupportedArchitectureError``."""
+    adapter = get_adapter(config)
+    if adapter.family not in MLA_FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"MLA conversion supports the Llama-style families {', '.join(MLA_FAMILIES)}; got "
+            f"{config.model_type!r}. (Its decoder must be Llama's: RMSNorm, gated MLP, rotate-half RoPE, "
+            "separate q/k/v/o.)"
+        )
+    layout = adapter.layout(config)
+    if layout.rope.style != "half" or layout.rope.rotary_dim != layout.head_dim:
+        raise UnsupportedArchitectureError(
+            f"MLA conversion needs rotate-half RoPE on all {layout.head_dim} head dims; this model rotates "
+            f"{layout.rope.rotary_dim} ({layout.rope.style})"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = any(t != "full_attention" for t in layer_types) or (
+        config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None
+    )
+    if sliding:
+        raise ValueError(
+            "MLA conversion does not support sliding-window attention layers: set sliding_window=None "
+            "(or use_sliding_window=False) in the source config if the model is used within its window"
+        )
+    if getattr(config, "mlp_bias", False) and config.model_type != "llama":
+        raise UnsupportedArchitectureError("MLP biases are only supported for Llama sources")
+    max_rank = max_kv_lora_rank(layout)
+    rank = _check_int("kv_lora_rank", kv_lora_rank)
+    if not 1 <= rank <= max_rank:
+        raise ValueError(
+            f"kv_lora_rank={rank} is out of range: it must be between 1 and {max_rank} = min(hidden_size "
+            f"{layout.hidden_size}, 2 x {layout.num_key_value_heads} KV heads x head_dim {layout.head_dim}) for "
+            f"this {layout.family} model"
+        )
+    validate_rope_dim(layout, qk_rope_head_dim, rope_selection)  # also rejects an unknown rope selection
+    rope_heads = _check_int("num_rope_key_heads", num_rope_key_heads)
+    kv = layout.num_key_value_heads
+    if rope_heads < 1 or kv % rope_heads:
+        raise ValueError(
+            f"num_rope_key_heads={rope_heads} must divide the {kv} KV heads: choose one of "
+            f"{[n for n in range(1, kv + 1) if kv % n == 0]} (1 = DeepSeek's single shared rope key)"
+        )
+    if factorization not in FACTORIZATIONS:
+        raise ValueError(
+            f"unknown factorization {factorization!r}; choose one of {', '.join(FACTORIZATIONS)}"
+        )
+    if rank_allocation not in RANK_ALLOCATIONS:
+        raise ValueError(
+            f"unknown rank allocation {rank_allocation!r}; choose one of {', '.join(RANK_ALLOCATIONS)}"
+        )
+    return layout
+
+
+def needs_calibration(factorization: str) -> bool:
+    """``pca`` needs activations (the ``norm`` selection and the rope-key mixing use them when given)."""
+    return factorization == "pca"
+
+
+@contextmanager
+def _lapack_threads(count: int):
+    """Run the (small, float64) decompositions on ``count`` threads: multi-threaded LAPACK on a busy machine
+    can take 100x longer on these 400 x 600 matrices than one thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _with_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[..., hidden] + bias [...] -> [..., hidden + 1] (bias as last column)."""
+    bias = torch.zeros(weight.shape[:-1], dtype=weight.dtype) if bias is None else bias
+    return torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
+
+
+@dataclass
+class _LayerPlan:
+    q_nope: torch.Tensor  # [H, D, hidden + 1]
+    q_rope: torch.Tensor  # [H, d_rope, hidden + 1]
+    rope_key: torch.Tensor  # [n, d_rope, hidden + 1]
+    kv: JointKV
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    pairs: list[int]
+
+
+def _plan_layer(
+    weights, layout, qk_rope_head_dim, rope_selection, factorization, inputs, rope_heads, balance, scales
+):
+    h, kv_heads, d = weights.num_attention_heads, weights.num_key_value_heads, layout.head_dim
+    hidden = layout.hidden_size
+    q = _with_bias(weights.q, weights.q_bias)
+    k = _with_bias(weights.k, weights.k_bias)
+    # calibration rows [x ; 1] and their second moment E[x x^T] (identity without calibration)
+    x = None if inputs is None else _with_bias(inputs.double().cpu(), torch.ones(len(inputs), dtype=q.dtype))
+    moment = torch.eye(hidden + 1, dtype=q.dtype) if x is None else x.T @ x / len(x)
+    pairs = select_rope_pairs(rope_selection, layout, qk_rope_head_dim, q, k, x)
+    first, second = pair_dims(layout, pairs)
+    m, group = len(pairs), kv_heads // rope_heads
+    u = rope_key_mixing(k, first, second, moment, rope_heads)  # [H_kv, m]
+    rope_of_kv = torch.arange(kv_heads) // group
+    shared = torch.stack([k[:, first], k[:, second]], dim=1) * u[:, None, :, None]  # [H_kv, 2, m, hidden+1]
+    rope_key = shared.view(rope_heads, group, 2 * m, -1).sum(1)  # [n, d_rope, hidden+1]
+    k_nope = k.clone()
+    k_nope[:, first] -= u[..., None] * rope_key[rope_of_kv, :m]
+    k_nope[:, second] -= u[..., None] * rope_key[rope_of_kv, m:]
+    u_q = per_query_head(u, h)
+    q_rope = torch.cat([q[:, first] * u_q[..., None], q[:, second] * u_q[..., None]], dim=1)
+
+    score_fold, nope_fold = scales
+    kv = joint_kv(
+        k_nope[..., :hidden].reshape(kv_heads * d, hidden),
+        weights.v.reshape(kv_heads * d, hidden),
+        factorization,
+        moment[:hidden, :hidden],
+        balance,
+    )
+    o_bias = weights.o_bias
+    if weights.v_bias is not None:  # sum_s p_s (W_UV c_s + b_v) = W_UV sum_s p_s c_s + b_v
+        folded = torch.einsum("ohd,hd->o", weights.o, per_query_head(weights.v_bias, h))
+        o_bias = folded if o_bias is None else o_bias + folded
+    return _LayerPlan(q * score_fold * nope_fold, q_rope * score_fold, rope_key, kv, weights.o, o_bias, pairs)
+
+
+def _layer_weights(plan: _LayerPlan, rank: int, num_attention_heads: int, head_dim: int, has_q_bias: bool):
+    down, up_k, up_v = plan.kv.factors(rank)
+    kv_heads = up_k.shape[0] // head_dim
+    up_k = per_query_head(up_k.view(kv_heads, head_dim, rank), num_attention_heads)
+    up_v = per_query_head(up_v.view(kv_heads, head_dim, rank), num_attention_heads)
+    q = torch.cat([plan.q_nope, plan.q_rope], dim=1)
+    rope_bias = plan.rope_key[..., -1]
+    return MLALayerWeights(
+        q=q[..., :-1],
+        q_bias=q[..., -1] if has_q_bias else None,
+        kv_down=down,
+        rope_key=plan.rope_key[..., :-1],
+        rope_key_bias=rope_bias if bool(rope_bias.abs().max() > 0) else None,
+        kv_up=torch.cat([up_k, up_v], dim=1),
+        o=plan.o,
+        o_bias=plan.o_bias,
+        rope_pairs=plan.pairs,
+    )
+
+
+def mla_config(source_config, ranks, qk_rope_head_dim, num_rope_key_heads, rope_pairs, biases) -> MLAConfig:
+    """The plugin config: the source's Llama fields plus the MLA fields.
+
+    rope_pairs: per-layer kept pairs, or None for DeepSeek's uniform ladder. biases: (q, rope key, o).
+    """
+    shared = (*DECODER_FIELDS, "rope_parameters", "mlp_bias", "head_dim")
+    fields = {name: getattr(source_config, name) for name in shared if hasattr(source_config, name)}
+    fields["head_dim"] = (
+        fields.get("head_dim") or source_config.hidden_size // source_config.num_attention_heads
+    )
+    return MLAConfig(
+        **fields,
+        num_key_value_heads=source_config.num_attention_heads,
+        kv_lora_rank=ranks[0] if len(set(ranks)) == 1 else list(ranks),
+        qk_rope_head_dim=qk_rope_head_dim,
+        qk_nope_head_dim=fields["head_dim"],
+        v_head_dim=fields["head_dim"],
+        num_rope_key_heads=num_rope_key_heads,
+        rope_pairs=rope_pairs,
+        q_proj_bias=biases[0],
+        kv_a_proj_bias=biases[1],
+        o_proj_bias=biases[2],
+        source_model_type=source_config.model_type,
+        dtype=getattr(source_config, "dtype", None),
+    )
+
+
+def build_attention(
+    config: MLAConfig, layer_idx: int, weights: MLALayerWeights, like: nn.Module
+) -> MLAAttention:
+    """An :class:`MLAAttention` holding ``weights``, on ``like``'s device and dtype."""
+    ref = next(like.parameters())
+    attn = MLAAttention(config, layer_idx).to(device=ref.device, dtype=ref.dtype)
+    hidden = weights.q.shape[-1]
+    rope_bias = weights.rope_key_bias
+    if rope_bias is None:
+        rope_bias = weights.rope_key.new_zeros(weights.rope_key.shape[:-1])
+    pairs = [
+        (attn.q_proj.weight, weights.q.reshape(-1, hidden)),
+        (attn.q_proj.bias, weights.q_bias),
+        (attn.kv_a_proj_with_mqa.weight, torch.cat([weights.kv_down, weights.rope_key.reshape(-1, hidden)])),
+        (
+            attn.kv_a_proj_with_mqa.bias,
+            torch.cat([weights.kv_down.new_zeros(len(weights.kv_down)), rope_bias.flatten()]),
+        ),
+        (attn.kv_b_proj.weight, weights.kv_up.reshape(-1, weights.kv_up.shape[-1])),
+        (attn.o_proj.weight, weights.o.reshape(weights.o.shape[0], -1)),
+        (attn.o_proj.bias, weights.o_bias),
+    ]
+    with torch.no_grad():
+        for param, value in pairs:
+            if param is not None:
+                param.copy_(value.reshape(param.shape) if value is not None else torch.zeros_like(param))
+    attn.train(like.training)
+    return attn
+
+
+def convert_to_mla(
+    model: nn.Module,
+    kv_lora_rank: int,
+    qk_rope_head_dim: int,
+    rope_selection: str = "high",
+    factorization: str | None = None,
+    calibration: list[torch.Tensor] | None = None,
+    num_rope_key_heads: int = 1,
+    rank_allocation: str = "uniform",
+    balance_kv: bool = True,
+) -> ConversionReport:
+    """Rewrite ``model`` (Llama / Mistral / Qwen2) in place into MLA; returns a report with KV bytes/token.
+
+    kv_lora_rank: latent rank r (the per-layer average under ``rank_allocation="energy"``), 1..min(hidden,
+        2 H_kv head_dim). qk_rope_head_dim: rotary dims kept per rope key (even, <= head_dim).
+    rope_selection: ``high`` (default: best training-free on SmolLM2) | ``uniform`` | ``low`` | ``norm``
+        (see ``hf_attn_swap.methods.mla.rope``).
+    factorization: ``svd`` (weights) | ``pca`` (activation-aware; needs ``calibration``); default: ``pca`` when
+        ``calibration`` is given, else ``svd``.
+    calibration: per-layer attention inputs [N, hidden] (``hf_attn_swap.methods.calibration.collect_attention_inputs``);
+        also used, when given, by the ``norm`` selection and the shared-rope-key mixing.
+    num_rope_key_heads: rope keys per layer (1 = DeepSeek's shared key; H_kv keeps RoPE exact).
+    KV cache per token and layer afterwards: r_l + num_rope_key_heads * qk_rope_head_dim values.
+
+    Raises ``ValueError`` / ``UnsupportedArchitectureError`` before the model is touched.
+    """
+    adapter = get_adapter(model)
+    if factorization is None:
+        factorization = "pca" if calibration is not None else "svd"
+    layout = validate_mla_options(
+        model.config, kv_lora_rank, qk_rope_head_dim, rope_selection, factorization, num_rope_key_heads,
+        rank_allocation,
+    )  # fmt: skip
+    attention = adapter.attention_modules(model)
+    if len(attention) != layout.num_layers:
+        raise ValueError(
+            f"found {len(attention)} attention modules but config says {layout.num_layers} layers"
+        )
+    if needs_calibration(factorization) and (calibration is None or len(calibration) != len(attention)):
+        raise ValueError(
+            f"factorization {factorization!r} needs calibration activations for each of the {len(attention)} "
+            "layers: pass calibration=hf_attn_swap.methods.calibration.collect_attention_inputs(model, token_ids) "
+            "(CLI: --calibration-data FILE...)"
+        )
+    layers = model.model.layers
+    dtype = model_dtype(model)
+    rotary = adapter.rotary_embedding(model)
+    rotary_scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    new_scale = (layout.head_dim + qk_rope_head_dim) ** -0.5
+    sample = adapter.read(attention[0])
+    biases = (
+        sample.q_bias is not None,
+        sample.k_bias is not None,
+        sample.o_bias is not None or sample.v_bias is not None,
+    )
+
+    plans = []
+    with torch.no_grad(), _lapack_threads(1):
+        for idx, attn in enumerate(attention):
+            score_fold = float(attn.scaling) / new_scale
+            inputs = None if calibration is None else calibration[idx]
+            # float64 on the CPU, where the calibration statistics live; build_attention copies back to the device
+            weights = adapter.read(attn).to(torch.float64)
+            weights = weights.cpu()
+            plans.append(
+                _plan_layer(
+                    weights,
+                    layout,
+                    qk_rope_head_dim,
+                    rope_selection,
+                    factorization,
+                    inputs,
+                    num_rope_key_heads,
+                    balance_kv,
+                    (score_fold, rotary_scale**2),
+                )  # fmt: skip
+            )
+    max_rank = max_kv_lora_rank(layout)
+    if rank_allocation == "uniform":
+        ranks = [kv_lora_rank] * len(plans)
+    else:
+        ranks = allocate_ranks(
+            [p.kv.energy for p in plans], kv_lora_rank * len(plans), [max_rank] * len(plans)
+        )
+    new_weights = [
+        _layer_weights(p, r, layout.num_attention_heads, layout.head_dim, biases[0])
+        for p, r in zip(plans, ranks, strict=True)
+    ]
+    rope_pairs = [w.rope_pairs for w in new_weights]
+    uniform = select_rope_pairs("uniform", layout, qk_rope_head_dim)
+    config = mla_config(
+        model.config, ranks, qk_rope_head_dim, num_rope_key_heads,
+        None if all(p == uniform for p in rope_pairs) else rope_pairs, biases,
+    )  # fmt: skip
+    config._attn_implementation = model.config._attn_implementation
+
+    report = ConversionReport(
+        target="mla",
+        method=f"{rope_selection}+{factorization}" + ("+energy-ranks" if rank_allocation == "energy" else ""),
+        family=layout.family,
+        num_layers=layout.num_layers,
+        num_attention_heads=layout.num_attention_heads,
+        head_dim=layout.head_dim,
+        dtype=str(dtype).removeprefix("torch."),
+        kv_bytes_per_token_before=kv_bytes_per_token(layout, layout.num_key_value_heads, dtype),
+        kv_bytes_per_token_after=mla_kv_bytes_per_token(ranks, qk_rope_head_dim, num_rope_key_heads, dtype),
+        before={"num_key_value_heads": layout.num_key_value_heads},
+        after={
+            "kv_lora_rank": config.kv_lora_rank,
+            "qk_rope_head_dim": qk_rope_head_dim,
+            "num_rope_key_heads": num_rope_key_heads,
+        },
+        details={
+            "rope_selection": rope_selection,
+            "factorization": factorization,
+            "rank_allocation": rank_allocation,
+            "balance_kv": balance_kv,
+            "calibration_rows": None if calibration is None else int(calibration[0].shape[0]),
+            "ranks": ranks,
+            "rope_pairs": rope_pairs,
+            "kv_energy_retained": [round(p.kv.retained(r), 6) for p, r in zip(plans, ranks, strict=True)],
+        },
+    )
+    # every layer is computed: now swap modules, config and classes (Llama/Mistral/Qwen2 share Llama's forward)
+    for idx, (layer, weights) in enumerate(zip(layers, new_weights, strict=True)):
+        layer.self_attn = build_attention(config, idx, weights, layer.self_attn)
+        layer.__class__ = MLADecoderLayer
+    model.config = model.model.config = config
+    if rotary is not None:
+        rotary.config = config
+    model.model.__class__ = MLAModel
+    model.__class__ = MLAForCausalLM
+    _register_output_capture(model)
+    return report
+
+
+def _register_output_capture(model: nn.Module) -> None:
+    """What ``PreTrainedModel.__init__`` does for a new class: let ``output_hidden_states`` / ``output_attentions``
+    find the MLA decoder layers and attention modules of a model whose class was switched in place."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # older/newer transformers: capturing keeps working for models loaded from disk
+        return
+    for module in (model, model.model):
+        _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
