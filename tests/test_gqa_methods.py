@@ -21,6 +21,7 @@ from hf_attn_swap.adapters import get_adapter
 from hf_attn_swap.cli import build_parser, main
 from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer
 from hf_attn_swap.io.text import load_token_ids
+from hf_attn_swap.methods.affine import split_bias, with_bias
 from hf_attn_swap.methods.calibration import collect_attention_inputs, collect_calibration
 from hf_attn_swap.methods.gqa import (
     GQA_METHODS,
@@ -32,7 +33,7 @@ from hf_attn_swap.methods.gqa import (
     permute_query_heads,
 )
 from hf_attn_swap.methods.gqa import alignment as alignment_module
-from hf_attn_swap.methods.gqa.statistics import from_complex, rotary_pairs, split_bias, to_complex, with_bias
+from hf_attn_swap.methods.gqa.statistics import from_complex, rotary_pairs, to_complex
 from hf_attn_swap.methods.report import load_report
 from hf_attn_swap.pipeline.convert import convert_checkpoint
 from hf_attn_swap.testing import tiny_model

@@ -102,6 +102,11 @@ class AttentionWeights:
         return replace(self, **cast)
 
 
+def flat(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A head-major bias [H, d] as the projection's [H * d] (None stays None)."""
+    return None if bias is None else bias.reshape(-1)
+
+
 def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Linear:
     """An ``nn.Linear`` holding ``weight`` [out, in] / ``bias`` [out], on ``like``'s device and dtype."""
     ref = like.weight

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..modeling.gpt2 import GroupedGPT2Attention, GroupedGPT2Config
-from .base import AttentionWeights
-from .plugin import PluginAdapter, copy_into, flat, unsupported
+from .base import AttentionWeights, flat
+from .plugin import PluginAdapter, copy_into, unsupported
 
 
 class GPT2Adapter(PluginAdapter):

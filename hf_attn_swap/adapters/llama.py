@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchitectureAdapter, AttentionLayout, AttentionWeights, RopeInfo, new_linear
+from .base import ArchitectureAdapter, AttentionLayout, AttentionWeights, RopeInfo, flat, new_linear
 
 
 def _bias(linear: nn.Linear, heads: int, head_dim: int):
     return None if linear.bias is None else linear.bias.detach().view(heads, head_dim)
-
-
-def _flat(bias):
-    return None if bias is None else bias.reshape(-1)
 
 
 def rope_info_from_config(
@@ -78,9 +74,9 @@ class LlamaLikeAdapter(ArchitectureAdapter):
 
     def write(self, attn: nn.Module, weights: AttentionWeights) -> None:
         hidden = weights.q.shape[-1]
-        attn.q_proj = new_linear(weights.q.reshape(-1, hidden), _flat(weights.q_bias), attn.q_proj)
-        attn.k_proj = new_linear(weights.k.reshape(-1, hidden), _flat(weights.k_bias), attn.k_proj)
-        attn.v_proj = new_linear(weights.v.reshape(-1, hidden), _flat(weights.v_bias), attn.v_proj)
+        attn.q_proj = new_linear(weights.q.reshape(-1, hidden), flat(weights.q_bias), attn.q_proj)
+        attn.k_proj = new_linear(weights.k.reshape(-1, hidden), flat(weights.k_bias), attn.k_proj)
+        attn.v_proj = new_linear(weights.v.reshape(-1, hidden), flat(weights.v_bias), attn.v_proj)
         attn.o_proj = new_linear(weights.o.reshape(weights.o.shape[0], -1), weights.o_bias, attn.o_proj)
         attn.num_key_value_groups = weights.num_attention_heads // weights.num_key_value_heads
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..modeling.grouped import GROUPED_MODEL_CLASSES, use_grouped_model_classes
-from .base import ArchitectureAdapter, AttentionLayout, AttentionWeights, RopeInfo
+from .base import ArchitectureAdapter, AttentionLayout, AttentionWeights, RopeInfo, flat
 
 
 def copy_into(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -24,10 +24,6 @@ def copy_into(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
         module.weight.copy_(weight)
         if bias is not None:
             module.bias.copy_(bias)
-
-
-def flat(bias: torch.Tensor | None) -> torch.Tensor | None:
-    return None if bias is None else bias.reshape(-1)
 
 
 class PluginAdapter(ArchitectureAdapter):

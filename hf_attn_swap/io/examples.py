@@ -11,12 +11,11 @@ own dependencies are large and unused here).
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .folders import atomic_output_dir, cache_dir
+from .folders import atomic_output_dir, cache_dir, write_json
 
 MARKER = "hf_attn_swap_example.json"
 
@@ -108,5 +107,5 @@ def example_model_path(name: str, refresh: bool = False) -> Path:
         else:
             _materialise_folder(source, tmp)
         info = {"name": name, "source": str(source), "description": example.description}
-        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        write_json(tmp / MARKER, info)
     return out

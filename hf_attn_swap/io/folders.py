@@ -1,4 +1,4 @@
-"""Output folders that appear whole or not at all, and guards that keep the source checkpoint untouched."""
+"""Output folders and files that appear whole or not at all, and guards that keep the source checkpoint untouched."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,16 +143,28 @@ def cache_dir() -> Path:
     return Path(root).expanduser()
 
 
-def write_json(path: str | Path, payload: dict) -> Path:
-    """Write ``payload`` to ``path`` atomically (temp file + rename)."""
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` so that it holds either its old content or all of ``text``, never a part:
+    a temporary file next to it (flushed to disk) is renamed over it in one step. The parent folder is created.
+    On failure the temporary file is removed. The one atomic file writer of the package."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:  # "x": a fresh file, with the usual (umask) permissions
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_json(path: str | Path, payload) -> Path:
+    """Write ``payload`` to ``path`` as indented JSON (plus a final newline), atomically."""
+    return atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def machine_info() -> dict:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..adapters import AttentionLayout
+from ..io.folders import write_json
 
 REPORT_FILE = "conversion.json"
 
@@ -55,9 +56,7 @@ class ConversionReport:
         return out
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / REPORT_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_json(Path(folder) / REPORT_FILE, self.to_dict())
 
     def __str__(self) -> str:
         arrow = " -> ".join(

@@ -15,14 +15,10 @@ from transformers.models.falcon.modeling_falcon import (
     apply_rotary_pos_emb,
 )
 
-from .compat import pop_cache, update_layer_cache
 from .grouped import (
+    GroupedAttentionMixin,
     GroupedConfigMixin,
-    GroupedModelMixin,
-    attend,
-    resized_projection,
-    save_code_with_checkpoints,
-    set_grouping,
+    grouped_model_classes,
     split_grouped_qkv,
     with_repeated_kv,
 )
@@ -45,9 +41,6 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return (probs @ value).transpose(1, 2).contiguous(), probs
 
 
-grouped_eager_attention = with_repeated_kv(eager_attention_forward)
-
-
 @strict
 class GroupedFalconConfig(GroupedConfigMixin, FalconConfig):
     model_type = "hf_attn_swap_falcon"
@@ -62,64 +55,39 @@ class GroupedFalconConfig(GroupedConfigMixin, FalconConfig):
         return stock_num_key_value_heads(self)
 
 
-class GroupedFalconAttention(FalconAttention):
-    stock_class = FalconAttention
+class GroupedFalconAttention(GroupedAttentionMixin, FalconAttention):
+    eager_attention = staticmethod(with_repeated_kv(eager_attention_forward))
+    rotary = staticmethod(apply_rotary_pos_emb)
 
     @classmethod
     def make_grouped(cls, attn: FalconAttention, num_key_value_heads: int) -> GroupedFalconAttention:
-        """Turn ``attn`` into this class in place, with a fresh (uninitialised) ``query_key_value``."""
-        attn.__class__ = cls
-        set_grouping(attn, attn.num_heads, num_key_value_heads)
-        attn.num_kv_heads = num_key_value_heads
-        size = (attn.num_heads + 2 * num_key_value_heads) * attn.head_dim
-        attn.query_key_value = resized_projection(attn.query_key_value, size)
+        attn = super().make_grouped(attn, num_key_value_heads)
+        attn.num_kv_heads = num_key_value_heads  # stock Falcon's name for it
         return attn
 
-    def forward(
-        self,
-        hidden_states,
-        alibi,
-        attention_mask,
-        position_ids=None,
-        use_cache=False,
-        output_attentions=False,
-        position_embeddings=None,
-        **kwargs,
-    ):
+    def grouped_projections(self, num_key_value_heads: int) -> dict[str, int]:
+        return {"query_key_value": (self.num_heads + 2 * num_key_value_heads) * self.head_dim}
+
+    def forward(self, hidden_states, alibi, attention_mask, output_attentions=False, **kwargs):
         if alibi is not None:
             raise ValueError("hf_attn_swap's grouped Falcon supports rotary Falcon only (alibi=False)")
-        batch_size, query_length, _ = hidden_states.shape
-        query, key, value = split_grouped_qkv(
-            self.query_key_value(hidden_states), self.num_key_value_heads, self.head_dim
-        )
-        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        key, value = update_layer_cache(pop_cache(kwargs), key, value, self.layer_idx, use_cache)
-        attn_output, attn_weights = attend(
-            self,
-            grouped_eager_attention,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0,  # stock rotary Falcon applies no attention dropout
-            scaling=self.inv_norm_factor,
-            position_ids=position_ids,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(batch_size, query_length, self.num_heads * self.head_dim)
-        return self.dense(attn_output), (attn_weights if output_attentions else None)
+        attn_output, attn_weights = super().forward(hidden_states, attention_mask, **kwargs)
+        return attn_output, (attn_weights if output_attentions else None)
 
+    def project_qkv(self, hidden_states):
+        return split_grouped_qkv(self.query_key_value(hidden_states), self.num_key_value_heads, self.head_dim)
 
-class GroupedFalconModel(GroupedModelMixin, FalconModel):
-    config_class = GroupedFalconConfig
-    grouped_attention = GroupedFalconAttention
+    def attention_options(self) -> dict:
+        return {"dropout": 0.0, "scaling": self.inv_norm_factor}  # stock rotary Falcon: no attention dropout
 
-
-class GroupedFalconForCausalLM(GroupedModelMixin, FalconForCausalLM):
-    config_class = GroupedFalconConfig
-    grouped_attention = GroupedFalconAttention
+    def project_output(self, attn_output):
+        return self.dense(attn_output)
 
 
 #: what ``import hf_attn_swap`` registers, and the ``auto_map`` a saved checkpoint gets
-AUTO_CLASSES = {"AutoModel": GroupedFalconModel, "AutoModelForCausalLM": GroupedFalconForCausalLM}
-save_code_with_checkpoints(AUTO_CLASSES)
+AUTO_CLASSES = grouped_model_classes(
+    GroupedFalconConfig,
+    GroupedFalconAttention,
+    {"AutoModel": FalconModel, "AutoModelForCausalLM": FalconForCausalLM},
+)
+GroupedFalconModel, GroupedFalconForCausalLM = AUTO_CLASSES.values()

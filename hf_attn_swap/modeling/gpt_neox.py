@@ -14,19 +14,13 @@ from transformers.models.gpt_neox.modeling_gpt_neox import (
     eager_attention_forward,
 )
 
-from .compat import pop_cache, update_layer_cache
 from .grouped import (
+    GroupedAttentionMixin,
     GroupedConfigMixin,
-    GroupedModelMixin,
-    attend,
-    resized_projection,
-    save_code_with_checkpoints,
-    set_grouping,
+    grouped_model_classes,
     split_grouped_qkv,
     with_repeated_kv,
 )
-
-grouped_eager_attention = with_repeated_kv(eager_attention_forward)
 
 
 @strict
@@ -35,51 +29,30 @@ class GroupedGPTNeoXConfig(GroupedConfigMixin, GPTNeoXConfig):
     num_key_value_heads: int | None = None
 
 
-class GroupedGPTNeoXAttention(GPTNeoXAttention):
-    stock_class = GPTNeoXAttention
+class GroupedGPTNeoXAttention(GroupedAttentionMixin, GPTNeoXAttention):
+    eager_attention = staticmethod(with_repeated_kv(eager_attention_forward))
+    rotary = staticmethod(apply_rotary_pos_emb)
 
-    @classmethod
-    def make_grouped(cls, attn: GPTNeoXAttention, num_key_value_heads: int) -> GroupedGPTNeoXAttention:
-        """Turn ``attn`` into this class in place, with a fresh (uninitialised) ``query_key_value``."""
-        heads = attn.config.num_attention_heads
-        attn.__class__ = cls
-        set_grouping(attn, heads, num_key_value_heads)
-        size = (heads + 2 * num_key_value_heads) * attn.head_size
-        attn.query_key_value = resized_projection(attn.query_key_value, size)
-        return attn
+    def grouped_projections(self, num_key_value_heads: int) -> dict[str, int]:
+        heads = self.config.num_attention_heads
+        return {"query_key_value": (heads + 2 * num_key_value_heads) * self.head_size}
 
-    def forward(self, hidden_states, attention_mask, position_embeddings=None, **kwargs):
-        fused = self.query_key_value(hidden_states)
-        query, key, value = split_grouped_qkv(fused, self.num_key_value_heads, self.head_size)
-        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        key, value = update_layer_cache(
-            pop_cache(kwargs), key, value, self.layer_idx, kwargs.get("use_cache")
+    def project_qkv(self, hidden_states):
+        return split_grouped_qkv(
+            self.query_key_value(hidden_states), self.num_key_value_heads, self.head_size
         )
-        attn_output, attn_weights = attend(
-            self,
-            grouped_eager_attention,
-            query,
-            key,
-            value,
-            attention_mask,
-            scaling=self.scaling,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
-        return self.dense(attn_output), attn_weights
 
+    def attention_options(self) -> dict:
+        return {"scaling": self.scaling, "dropout": 0.0 if not self.training else self.attention_dropout}
 
-class GroupedGPTNeoXModel(GroupedModelMixin, GPTNeoXModel):
-    config_class = GroupedGPTNeoXConfig
-    grouped_attention = GroupedGPTNeoXAttention
-
-
-class GroupedGPTNeoXForCausalLM(GroupedModelMixin, GPTNeoXForCausalLM):
-    config_class = GroupedGPTNeoXConfig
-    grouped_attention = GroupedGPTNeoXAttention
+    def project_output(self, attn_output):
+        return self.dense(attn_output)
 
 
 #: what ``import hf_attn_swap`` registers, and the ``auto_map`` a saved checkpoint gets
-AUTO_CLASSES = {"AutoModel": GroupedGPTNeoXModel, "AutoModelForCausalLM": GroupedGPTNeoXForCausalLM}
-save_code_with_checkpoints(AUTO_CLASSES)
+AUTO_CLASSES = grouped_model_classes(
+    GroupedGPTNeoXConfig,
+    GroupedGPTNeoXAttention,
+    {"AutoModel": GPTNeoXModel, "AutoModelForCausalLM": GPTNeoXForCausalLM},
+)
+GroupedGPTNeoXModel, GroupedGPTNeoXForCausalLM = AUTO_CLASSES.values()

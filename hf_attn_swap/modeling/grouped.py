@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
-from .compat import check_cache_grew
+from .compat import check_cache_grew, pop_cache, update_layer_cache
 
 #: stock model class -> plugin model class (filled as plugin classes are defined)
 GROUPED_MODEL_CLASSES: dict[type, type] = {}
@@ -44,16 +44,6 @@ def with_repeated_kv(eager_attention):
 
     grouped_eager_attention.__name__ = f"grouped_{getattr(eager_attention, '__name__', 'eager')}"
     return grouped_eager_attention
-
-
-def attend(module: nn.Module, grouped_eager_attention, query, key, value, attention_mask, **kwargs):
-    """Attention through the configured implementation (``ALL_ATTENTION_FUNCTIONS``: sdpa, flash, flex, or a
-    registered one), or ``grouped_eager_attention`` for "eager". q [B, H, T, d], k/v [B, H_kv, S, d] ->
-    (output [B, T, H, d], weights or None)."""
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-        module.config._attn_implementation, grouped_eager_attention
-    )
-    return attention(module, query, key, value, attention_mask, **kwargs)
 
 
 class GroupedConfigMixin:
@@ -75,6 +65,11 @@ def split_grouped_qkv(fused: torch.Tensor, num_key_value_heads: int, head_dim: i
     x = fused.view(*fused.shape[:-1], num_key_value_heads, -1, head_dim)
     query = x[..., :-2, :].flatten(-3, -2)
     return query.transpose(1, 2), x[..., -2, :].transpose(1, 2), x[..., -1, :].transpose(1, 2)
+
+
+def to_heads(projected: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[B, T, n * d] -> [B, n, T, d]."""
+    return projected.view(*projected.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
 def resized_projection(old: nn.Module, out_features: int) -> nn.Module:
@@ -104,8 +99,82 @@ def set_grouping(attn: nn.Module, num_attention_heads: int, num_key_value_heads:
     attn.num_key_value_groups = num_attention_heads // num_key_value_heads
 
 
+class GroupedAttentionMixin:
+    """Base for plugin attention classes ``class GroupedXAttention(GroupedAttentionMixin, XAttention)``: the
+    stock module with ``num_key_value_heads`` K/V heads and a cache of H_kv heads (self-attention only).
+
+    ``forward`` is shared: project q/k/v, rotate (rotary families), update the cache, attend, project out.
+    A family supplies what differs from its stock code:
+
+    - ``eager_attention``: its stock eager function wrapped by :func:`with_repeated_kv` (a staticmethod);
+    - ``grouped_projections(n)``: the projections ``make_grouped`` replaces and their new output sizes;
+    - ``project_qkv(hidden_states)``: q [B, H, T, d], k and v [B, H_kv, T, d] (its projection layout / split);
+    - ``attention_options()``: the ``dropout`` / ``scaling`` its stock attention passes;
+    - ``project_output(attn_output [B, T, H * d])``: its output projection;
+    - ``rotary``: its ``apply_rotary_pos_emb`` (a staticmethod), for rotary families.
+    """
+
+    stock_class: type  # the stock attention class this one extends (set for each subclass)
+    eager_attention = None
+    rotary = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.stock_class = next(
+            base
+            for base in cls.__mro__[1:]
+            if issubclass(base, nn.Module) and not issubclass(base, GroupedAttentionMixin)
+        )
+
+    @classmethod
+    def make_grouped(cls, attn: nn.Module, num_key_value_heads: int) -> nn.Module:
+        """Turn the stock module ``attn`` into this class in place, with fresh (uninitialised) projections of
+        the new sizes."""
+        attn.__class__ = cls
+        set_grouping(attn, attn.config.num_attention_heads, num_key_value_heads)
+        for name, out_features in attn.grouped_projections(num_key_value_heads).items():
+            setattr(attn, name, resized_projection(getattr(attn, name), out_features))
+        return attn
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_embeddings=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        output_attentions=False,
+        **kwargs,
+    ):
+        if encoder_hidden_states is not None:
+            raise ValueError(
+                f"hf_attn_swap's {type(self).__name__} is self-attention only (cross-attention is not supported)"
+            )
+        query, key, value = self.project_qkv(hidden_states)
+        if self.rotary is not None:
+            query, key = self.rotary(query, key, *position_embeddings)
+        key, value = update_layer_cache(
+            pop_cache(kwargs), key, value, self.layer_idx, kwargs.get("use_cache")
+        )
+        attn_output, attn_weights = self.attend(
+            query, key, value, attention_mask, **self.attention_options(), **kwargs
+        )
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.project_output(attn_output), attn_weights
+
+    def attend(self, query, key, value, attention_mask, **kwargs):
+        """Attention through the configured implementation (``ALL_ATTENTION_FUNCTIONS``: sdpa, flash, flex, or a
+        registered one), or the family's ``eager_attention`` for "eager". q [B, H, T, d], k/v [B, H_kv, S, d]
+        -> (output [B, T, H, d], weights or None)."""
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, self.eager_attention
+        )
+        return attention(self, query, key, value, attention_mask, **kwargs)
+
+
 class GroupedModelMixin:
-    """Base for plugin model classes ``class GroupedXModel(GroupedModelMixin, XModel)``.
+    """Base for plugin model classes ``class GroupedXModel(GroupedModelMixin, XModel)`` (a family makes them with
+    :func:`grouped_model_classes`).
 
     The stock ``__init__`` builds the model with stock attention; every self-attention module is then turned
     into the family's grouped module (``grouped_attention.make_grouped``) and nested stock models into their
@@ -166,9 +235,25 @@ def use_grouped_model_classes(model: nn.Module) -> None:
             module.__class__ = GROUPED_MODEL_CLASSES[type(module)]
 
 
-def save_code_with_checkpoints(auto_classes: dict[str, type]) -> None:
-    """Make ``save_pretrained`` copy the family's code next to the weights (transformers'
+def grouped_model_classes(
+    config_class: type, grouped_attention: type, stock_classes: dict[str, type]
+) -> dict[str, type]:
+    """The family's plugin model classes, ``{Auto class name: Grouped<Stock>}`` for ``{Auto class name:
+    stock model class}``: each is ``class Grouped<Stock>(GroupedModelMixin, Stock)`` with ``config_class`` and
+    ``grouped_attention`` set, defined in the family's module (assign each to its name there: remote code is
+    loaded by class name). ``save_pretrained`` copies the family's code next to the weights (transformers'
     ``register_for_auto_class``), so checkpoints also load with ``trust_remote_code=True``."""
-    for auto, cls in auto_classes.items():
+    classes = {}
+    for auto, stock in stock_classes.items():
+        name = f"Grouped{stock.__name__}"
+        namespace = {
+            "__module__": config_class.__module__,
+            "__qualname__": name,
+            "__doc__": f"``{stock.__name__}`` with ``{grouped_attention.__name__}``.",
+            "config_class": config_class,
+            "grouped_attention": grouped_attention,
+        }
+        classes[auto] = cls = type(name, (GroupedModelMixin, stock), namespace)
         cls.register_for_auto_class(auto)
-        cls.config_class.register_for_auto_class("AutoConfig")
+    config_class.register_for_auto_class("AutoConfig")
+    return classes

@@ -254,6 +254,18 @@ class MLAForCausalLM(MLAPreTrainedModel, LlamaForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    # transformers (5.15.0 to 5.24 checked) has no supported way to make generate() build a custom cache class,
+    # so this overrides its private hook, as its own models with custom caches do (t5gemma, voxtral_realtime,
+    # parakeet, nemotron_asr_streaming). Checked and not fitting:
+    # - cache layers chosen from the config: DynamicCache(config) maps ``config.layer_types`` through
+    #   ``cache_utils.DYNAMIC_LAYER_TYPE_MAPPING``, a module dict with no registration API, and PreTrainedConfig
+    #   validates ``layer_types`` against the fixed ``ALLOWED_ATTN_LAYER_TYPES``; it would also give a DynamicCache
+    #   of LatentLayers, not a LatentCache (``nbytes`` / ``allocated_nbytes``).
+    # - ``generation_config.cache_implementation``: validated against the fixed ``ALL_CACHE_IMPLEMENTATIONS``.
+    # - ``_supports_default_dynamic_cache()`` returning False (MLAModel.forward would then create the cache): just
+    #   as private (transformers keys it on class names), and generate() then ignores ``cache_implementation``.
+    # - ``_supports_*`` class attributes: none selects a cache class (they gate attention backends, context
+    #   parallelism).
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """``generate()``'s default cache becomes a :class:`LatentCache` (a user-passed cache is kept)."""
         user_cache = model_kwargs.get(CACHE_KWARG)

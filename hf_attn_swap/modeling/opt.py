@@ -13,18 +13,13 @@ from transformers.models.opt.modeling_opt import (
     eager_attention_forward,
 )
 
-from .compat import pop_cache, update_layer_cache
 from .grouped import (
+    GroupedAttentionMixin,
     GroupedConfigMixin,
-    GroupedModelMixin,
-    attend,
-    resized_projection,
-    save_code_with_checkpoints,
-    set_grouping,
+    grouped_model_classes,
+    to_heads,
     with_repeated_kv,
 )
-
-grouped_eager_attention = with_repeated_kv(eager_attention_forward)
 
 
 @strict
@@ -33,51 +28,30 @@ class GroupedOPTConfig(GroupedConfigMixin, OPTConfig):
     num_key_value_heads: int | None = None
 
 
-class GroupedOPTAttention(OPTAttention):
-    stock_class = OPTAttention
+class GroupedOPTAttention(GroupedAttentionMixin, OPTAttention):
+    eager_attention = staticmethod(with_repeated_kv(eager_attention_forward))
 
-    @classmethod
-    def make_grouped(cls, attn: OPTAttention, num_key_value_heads: int) -> GroupedOPTAttention:
-        """Turn ``attn`` into this class in place, with fresh (uninitialised) ``k_proj``/``v_proj``."""
-        attn.__class__ = cls
-        set_grouping(attn, attn.num_heads, num_key_value_heads)
-        attn.k_proj = resized_projection(attn.k_proj, num_key_value_heads * attn.head_dim)
-        attn.v_proj = resized_projection(attn.v_proj, num_key_value_heads * attn.head_dim)
-        return attn
+    def grouped_projections(self, num_key_value_heads: int) -> dict[str, int]:
+        size = num_key_value_heads * self.head_dim
+        return {"k_proj": size, "v_proj": size}
 
-    def forward(self, hidden_states, attention_mask=None, output_attentions=False, **kwargs):
-        heads = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query = (self.q_proj(hidden_states) * self.scaling).view(heads).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(heads).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(heads).transpose(1, 2)
-        key, value = update_layer_cache(
-            pop_cache(kwargs), key, value, self.layer_idx, kwargs.get("use_cache")
-        )
-        attn_output, attn_weights = attend(
-            self,
-            grouped_eager_attention,
+    def project_qkv(self, hidden_states):
+        query = to_heads(self.q_proj(hidden_states) * self.scaling, self.head_dim)
+        return (
             query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.dropout,
-            scaling=1.0,
-            **kwargs,
+            to_heads(self.k_proj(hidden_states), self.head_dim),
+            to_heads(self.v_proj(hidden_states), self.head_dim),
         )
-        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
-        return self.out_proj(attn_output), attn_weights
 
+    def attention_options(self) -> dict:
+        return {"dropout": 0.0 if not self.training else self.dropout, "scaling": 1.0}
 
-class GroupedOPTModel(GroupedModelMixin, OPTModel):
-    config_class = GroupedOPTConfig
-    grouped_attention = GroupedOPTAttention
-
-
-class GroupedOPTForCausalLM(GroupedModelMixin, OPTForCausalLM):
-    config_class = GroupedOPTConfig
-    grouped_attention = GroupedOPTAttention
+    def project_output(self, attn_output):
+        return self.out_proj(attn_output)
 
 
 #: what ``import hf_attn_swap`` registers, and the ``auto_map`` a saved checkpoint gets
-AUTO_CLASSES = {"AutoModel": GroupedOPTModel, "AutoModelForCausalLM": GroupedOPTForCausalLM}
-save_code_with_checkpoints(AUTO_CLASSES)
+AUTO_CLASSES = grouped_model_classes(
+    GroupedOPTConfig, GroupedOPTAttention, {"AutoModel": OPTModel, "AutoModelForCausalLM": OPTForCausalLM}
+)
+GroupedOPTModel, GroupedOPTForCausalLM = AUTO_CLASSES.values()

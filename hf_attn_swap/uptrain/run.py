@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..io.checkpoints import copy_tokenizer_files, load_causal_lm, load_tokenizer
-from ..io.folders import atomic_output_dir, check_output, check_source, overlaps
+from ..io.folders import atomic_output_dir, check_output, check_source, overlaps, write_json
 from ..io.text import default_eval_files, default_train_files, resolve_text_files
 from ..methods.report import REPORT_FILE, load_report
 from .base import Objective, freeze_matching
@@ -292,9 +292,9 @@ def _write_output(final, model_path, output, config, record, history, tokens_per
         report = load_report(model_path)
         if report is not None:
             report.setdefault("training", []).append({k: v for k, v in record.items() if k != "config"})
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            write_json(tmp / REPORT_FILE, report)
         log = {"record": record, "log_history": history}
-        (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2) + "\n")
+        write_json(tmp / TRAINING_LOG, log)
         plot_loss_curve(
             history,
             tokens_per_step,

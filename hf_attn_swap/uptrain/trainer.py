@@ -14,6 +14,8 @@ from pathlib import Path
 
 from transformers import Trainer
 
+from ..io.folders import write_json
+
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RUN_FILE = "uptrain_run.json"
 
@@ -73,7 +75,4 @@ def check_same_run(checkpoint_dir: Path, identity: dict) -> None:
 
 
 def write_run_identity(checkpoint_dir: Path, identity: dict) -> None:
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(identity, indent=2) + "\n")
-    tmp.replace(checkpoint_dir / RUN_FILE)
+    write_json(checkpoint_dir / RUN_FILE, identity)

@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 from ...adapters import AttentionWeights
+from ..affine import split_bias, with_bias
 from .base import GQAMethod, LayerContext, expand_to_query_heads
 from .mean import MeanPooling
 from .statistics import (
@@ -29,9 +30,7 @@ from .statistics import (
     gram,
     input_moment,
     rotary_pairs,
-    split_bias,
     to_complex,
-    with_bias,
 )
 
 

@@ -37,6 +37,7 @@ from dataclasses import replace
 import torch
 
 from ...adapters import AttentionWeights
+from ..affine import split_bias, with_bias
 from .alignment import align_heads, polar
 from .base import GQAMethod, LayerContext, expand_to_query_heads, grouped
 from .mean import mean_pool
@@ -46,9 +47,7 @@ from .statistics import (
     input_moment,
     key_moment,
     rotary_pairs,
-    split_bias,
     to_complex,
-    with_bias,
 )
 
 

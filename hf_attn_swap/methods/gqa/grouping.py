@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from ...adapters import AttentionWeights
+from ..affine import with_bias
 from .base import GQAMethod, LayerContext, expand_to_query_heads, permute_query_heads
-from .statistics import commuting_pairs, gram, input_moment, rotary_pairs, to_complex, with_bias
+from .statistics import commuting_pairs, gram, input_moment, rotary_pairs, to_complex
 
 
 def _rotation_free_distances(rows: torch.Tensor, moment: torch.Tensor, aligned: bool) -> torch.Tensor:

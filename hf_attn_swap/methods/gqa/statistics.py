@@ -46,18 +46,6 @@ def _augmented_inputs(ctx: LayerContext) -> torch.Tensor:
     return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
 
 
-def with_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """[..., out, hidden] + [..., out] -> [..., out, hidden+1] float64 (a zero column when there is no bias)."""
-    bias = torch.zeros(weight.shape[:-1], dtype=weight.dtype) if bias is None else bias
-    return torch.cat([weight, bias.unsqueeze(-1)], dim=-1).to(torch.float64)
-
-
-def split_bias(augmented: torch.Tensor, had_bias: bool, dtype: torch.dtype):
-    """Inverse of ``with_bias``: (weight, bias or None)."""
-    weight, bias = augmented[..., :-1], augmented[..., -1]
-    return weight.to(dtype), (bias.to(dtype) if had_bias else None)
-
-
 def rotary_pairs(rope: RopeInfo, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(pairs [P, 2], plain dims [head_dim - 2P]): dims rotated together by RoPE, and dims RoPE leaves alone."""
     pairs = rope.pair_indices() if rope.style != "none" and rope.rotary_dim > 0 else torch.empty(0, 2)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ...adapters import AttentionLayout, UnsupportedArchitectureError, get_adapter
 from ...modeling.mla import MLAAttention, MLAConfig, MLADecoderLayer, MLAForCausalLM, MLAModel
+from ..affine import with_bias
 from ..gqa.base import per_query_head
 from ..report import ConversionReport, kv_bytes_per_token, model_dtype
 from .budget import RANK_ALLOCATIONS, allocate_ranks
@@ -154,12 +155,6 @@ def _lapack_threads(count: int):
         torch.set_num_threads(previous)
 
 
-def _with_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """[..., hidden] + bias [...] -> [..., hidden + 1] (bias as last column)."""
-    bias = torch.zeros(weight.shape[:-1], dtype=weight.dtype) if bias is None else bias
-    return torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
-
-
 @dataclass
 class _LayerPlan:
     q_nope: torch.Tensor  # [H, D, hidden + 1]
@@ -176,10 +171,10 @@ def _plan_layer(
 ):
     h, kv_heads, d = weights.num_attention_heads, weights.num_key_value_heads, layout.head_dim
     hidden = layout.hidden_size
-    q = _with_bias(weights.q, weights.q_bias)
-    k = _with_bias(weights.k, weights.k_bias)
+    q = with_bias(weights.q, weights.q_bias)
+    k = with_bias(weights.k, weights.k_bias)
     # calibration rows [x ; 1] and their second moment E[x x^T] (identity without calibration)
-    x = None if inputs is None else _with_bias(inputs.double().cpu(), torch.ones(len(inputs), dtype=q.dtype))
+    x = None if inputs is None else with_bias(inputs.double().cpu(), torch.ones(len(inputs), dtype=q.dtype))
     moment = torch.eye(hidden + 1, dtype=q.dtype) if x is None else x.T @ x / len(x)
     pairs = select_rope_pairs(rope_selection, layout, qk_rope_head_dim, q, k, x)
     first, second = pair_dims(layout, pairs)
