@@ -1,4 +1,5 @@
-"""Folder to folder conversion: ``convert_checkpoint(src, out, to="gqa"|"mla"|<config>, ...)``.
+"""Folder to folder conversion: ``convert_checkpoint(src, out, to="gqa"|"mla"|<config>, ...)``, and the
+``hf-attn-swap convert`` job (``ConvertArguments``, ``run_convert``).
 
 The source folder is only ever read. Everything that can be checked from its config is checked before any weight
 is loaded, and OUT is written through ``atomic_output_dir``: it appears complete or not at all. ``to="mla"`` goes
@@ -10,8 +11,9 @@ through ``convert_mla_checkpoint`` (stock ``deepseek_v3`` or the plugin format).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -33,6 +35,8 @@ from ..methods.mla.convert import (
     validate_mla_options,
 )
 from ..methods.report import ConversionReport
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def _check_deepseek_options(opts: MLAConversionConfig, config, layout) -> None:
@@ -240,3 +244,31 @@ def convert_checkpoint(
         report.save(tmp)
     return report
 
+
+# -- hf-attn-swap convert --------------------------------------------------------------------------------------
+@dataclass
+class ConvertArguments:
+    """``hf-attn-swap convert SRC OUT --to gqa|mla``; the target's options are ``GQAConfig`` /
+    ``MLAConversionConfig``, the calibration text's ``CalibrationConfig``."""
+
+    src: str = field(metadata={"help": "checkpoint folder to convert (only read)"})
+    out: str = field(metadata={"help": "new folder for the converted checkpoint"})
+    to: Literal["gqa", "mla"] = field(metadata={"help": "target attention"})
+    dtype: DType = field(default="auto", metadata={"help": "dtype to load and save (auto: the checkpoint's)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
+
+
+def run_convert(
+    args: ConvertArguments, gqa: GQAConfig, mla: MLAConversionConfig, calibration: CalibrationConfig
+) -> int:
+    report = convert_checkpoint(
+        args.src,
+        args.out,
+        gqa if args.to == "gqa" else mla,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        **asdict(calibration),
+    )
+    print(report)
+    print(f"saved to {args.out}")
+    return 0
