@@ -1,489 +1,218 @@
-"""``hf-attn-swap``: a thin command line over the Python API (one ``_cmd_*`` function per sub-command)."""
+"""``hf-attn-swap``: argument parsing only.
+
+Each sub-command is a tuple of option dataclasses (the method configs of ``hf_attn_swap.methods``, the argument
+classes of its job in ``hf_attn_swap.pipeline``), turned into flags by ``transformers.HfArgumentParser``, and the
+job function the validated instances are handed to. Bad input (a ``ValueError`` from a dataclass's
+``__post_init__`` or from the job, a missing file, ...) exits with status 2 and one line
+``hf-attn-swap <command>: error: ...``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from .evaluate.suite import (
-    EVAL_COLUMNS,
-    EVAL_DEFAULTS,
-    evaluate_checkpoints,
-    markdown_table,
-    parse_model_specs,
-)
-from .io.folders import machine_info, write_json
+from transformers import HfArgumentParser
 
+from .io.recipes import load_recipe_yaml
+from .methods.calibration import CalibrationConfig
+from .methods.gqa import GQAConfig
+from .methods.mla import MLAConversionConfig
+from .pipeline.bench import BenchArguments, run_bench
+from .pipeline.convert import ConvertArguments, run_convert
+from .pipeline.demo import DemoConfig, run_demo
+from .pipeline.evaluate import EvalConfig, EvalDataConfig, EvalOutputs, run_eval
+from .pipeline.examples import ExampleModelArguments, run_example_model
+from .pipeline.push import PushArguments, run_push
+from .pipeline.train import UptrainCommandArguments, run_uptrain
+from .uptrain import UptrainConfig
 
-# -- example-model ---------------------------------------------------------------------------------------------
-def _cmd_example_model(args) -> int:
-    from .io.examples import example_model_path
-
-    print(example_model_path(args.name, refresh=args.refresh))
-    return 0
-
-
-# -- convert ---------------------------------------------------------------------------------------------------
-def _cmd_convert(args) -> int:
-    from .pipeline.convert import convert_checkpoint
-
-    report = convert_checkpoint(
-        args.src,
-        args.out,
-        to=args.to,
-        num_key_value_heads=args.num_kv_heads,
-        method=args.method,
-        calibration_data=args.calibration_data,
-        calibration_tokens=args.calibration_tokens,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        mla=_mla_options(args) if args.to == "mla" else None,
-    )
-    print(report)
-    print(f"saved to {args.out}")
-    return 0
+#: what a job may raise for bad input: exit status 2 and one line
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError)
 
 
-def _mla_options(args) -> dict:
-    return {
-        "kv_lora_rank": args.kv_lora_rank,
-        "qk_rope_head_dim": args.rope_dim,
-        "rope_selection": args.rope_selection,
-        "factorization": args.factorization,
-        "num_rope_key_heads": args.num_rope_key_heads,
-        "rank_allocation": args.rank_allocation,
-        "format": args.format,
-    }
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: ``run(*instances of options)``. ``positional``: fields taken as positional arguments;
+    ``aliases``: extra flag spellings; ``exclude``: fields that are not flags (still settable by ``defaults_from``);
+    ``defaults_from``: a field naming a YAML file whose settings become the defaults of the other flags."""
+
+    help: str
+    options: tuple[type, ...]
+    run: Callable[..., int]
+    positional: tuple[str, ...] = ()
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+    defaults_from: str | None = None
+    description: str | None = None
 
 
-# -- bench -----------------------------------------------------------------------------------------------------
-def _cmd_bench(args) -> int:
-    import torch
-
-    from .evaluate.bench import decode_benchmark
-    from .io.checkpoints import load_causal_lm
-
-    if args.context < 1:
-        raise ValueError(f"--context must be at least 1, got {args.context}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_causal_lm(args.model, args.dtype, args.attn_implementation)
-    prompt = _bench_prompt(args.model, args.context, model.config.vocab_size)
-    result = decode_benchmark(model, prompt, args.new_tokens, cache=args.cache)
-    result = {"model": str(args.model), **result, "command": sys.argv, "machine": machine_info()}
-    print(
-        f"{Path(args.model).name} [{result['attn_implementation']}, {result['cache_class']}] context {args.context}: "
-        f"{result['decode_tokens_per_second']:.2f} tokens/s over {args.new_tokens} new tokens, prefill "
-        f"{result['prefill_seconds']:.1f} s, cache {result['cache_bytes_per_token']:.0f} bytes/token, "
-        f"peak RSS {result['peak_rss_mib']:.0f} MiB"
-    )
-    if args.json:
-        print(f"wrote {write_json(args.json, result)}")
-    return 0
-
-
-def _bench_prompt(model_path, context: int, vocab_size: int):
-    """The first ``context`` tokens of the held-out text (repeated if short), or fixed ids without a tokenizer."""
-    import torch
-
-    from .io.checkpoints import load_tokenizer
-    from .io.text import default_eval_files, load_token_ids
-
-    try:
-        ids = load_token_ids(load_tokenizer(model_path), default_eval_files(), context)
-    except (OSError, ValueError, TypeError):
-        ids = torch.arange(3, 3 + context) % vocab_size
-    return ids.repeat(context // len(ids) + 1)[:context]
-
-
-# -- eval ------------------------------------------------------------------------------------------------------
-def _cmd_eval(args) -> int:
-    from .evaluate.suite import evaluate_suite, suite_markdown, suite_plots
-
-    results = evaluate_suite(
-        parse_model_specs(args.model),
-        args.data,
-        args.reference,
-        args.max_tokens,
-        args.window,
-        args.batch_size,
-        args.dtype,
-        args.attn_implementation,
-        tasks=args.tasks,
-        task_limit=args.task_limit,
-        num_fewshot=args.num_fewshot,
-        decode_contexts=args.decode_contexts,
-        new_tokens=args.new_tokens,
-    )
-    meta = {"command": sys.argv, "machine": machine_info()}
-    # one model: its metrics at the top level (the original contract); always: every model under "models"
-    payload = {**next(iter(results.values())), **meta} if len(results) == 1 else dict(meta)
-    payload["models"] = results
-    table = suite_markdown(results)
-    print(table)
-    if args.json:
-        print(f"wrote {write_json(args.json, payload)}")
-    if args.markdown:
-        path = Path(args.markdown).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{table}\n\nCommand: `{' '.join(sys.argv)}`\n")
-        print(f"wrote {path}")
-    if args.plots:
-        for path in suite_plots(results, args.plots):
-            print(f"wrote {path}")
-    return 0
-
-
-# -- demo (the README's main job) ------------------------------------------------------------------------------
-def _cmd_demo(args) -> int:
-    from .io.checkpoints import load_causal_lm, load_tokenizer
-    from .io.examples import example_model_path
-    from .methods.gqa import GQA_METHODS
-    from .pipeline.convert import convert_checkpoint
-
-    methods = list(dict.fromkeys(args.method or ["mean"]))
-    unknown = [m for m in methods if m not in GQA_METHODS]
-    if unknown:
-        raise ValueError(f"unknown GQA method(s) {unknown}; choose from {sorted(GQA_METHODS)}")
-    src = example_model_path("smollm2")
-    workdir = Path(args.workdir).expanduser()
-    calibration, calibration_info = None, None
-    if any(GQA_METHODS[m].needs_calibration for m in methods):  # collected once, shared by the methods
-        from .io.text import default_train_files, load_token_ids
-        from .methods.calibration import collect_calibration, require_calibration_files
-
-        files = require_calibration_files(args.calibration_data or default_train_files(), "demo")
-        ids = load_token_ids(load_tokenizer(src), files, args.calibration_tokens)
-        key_weights = any(GQA_METHODS[m].uses_key_weights for m in methods)
-        calibration = collect_calibration(
-            load_causal_lm(src), ids, args.calibration_window, key_weights=key_weights
-        )
-        calibration_info = {
-            "tokens": int(ids.numel()),
-            "window": args.calibration_window,
-            "files": len(files),
-            "first_file": str(files[0]),
-        }
-    models, reports = {"original (3 KV heads)": str(src)}, {}
-    for method in methods:
-        converted = workdir / f"SmolLM2-135M-Instruct-kv{args.num_kv_heads}-{method}"
-        reports[method] = convert_checkpoint(
-            src,
-            converted,
-            to="gqa",
-            num_key_value_heads=args.num_kv_heads,
-            method=method,
-            calibration_inputs=calibration if GQA_METHODS[method].needs_calibration else None,
-            overwrite=True,
-        )
-        print(reports[method])
-        models[f"{method}-pooled ({args.num_kv_heads} KV heads)"] = str(converted)
-    results = evaluate_checkpoints(models, args.data, str(src), args.max_tokens, args.window)
-    rows = [{"name": name, **r} for name, r in results.items()]
-    print()
-    print(markdown_table(rows, EVAL_COLUMNS))
-    payload = {
-        "results": results,
-        "conversion": reports[methods[0]].to_dict(),
-        "conversions": {m: r.to_dict() for m, r in reports.items()},
-        "calibration": calibration_info,
-        "command": sys.argv,
-        "machine": machine_info(),
-    }
-    print(f"\nwrote {write_json(workdir / 'demo.json', payload)}")
-    return 0
-
-
-# -- uptrain ---------------------------------------------------------------------------------------------------
-def _cmd_uptrain(args) -> int:
-    from .uptrain import UptrainConfig, uptrain
-
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "json")}
-    if args.config:
-        base = UptrainConfig.from_yaml(args.config)
-        config = UptrainConfig.from_dict({**vars(base), **given})
-    else:
-        config = UptrainConfig.from_dict(given)
-    record = uptrain(config)
-    if record is not None:
-        first, final = (
-            "n/a" if record[k] is None else f"{record[k]:.4g}" for k in ("first_loss", "final_loss")
-        )
-        print(
-            f"{config.mode}: {record['tokens_trained']} tokens in {record['wall_seconds']} s, loss "
-            f"{first} -> {final}; saved to {config.output}"
-        )
-        if args.json:
-            print(
-                f"wrote {write_json(args.json, {**record, 'command': sys.argv, 'machine': machine_info()})}"
-            )
-    return 0
-
-
-# -- push ------------------------------------------------------------------------------------------------------
-def _cmd_push(args) -> int:
-    from .pipeline.hub import push_to_hub
-
-    result = push_to_hub(
-        args.model,
-        args.repo_id,
-        private=args.private,
-        revision=args.revision,
-        eval_json=args.eval_json,
-        base_model=args.base_model,
-        commit_message=args.commit_message,
-        dry_run=args.dry_run,
-    )
-    for name in result["skipped"]:
-        print(f"skipped {name} (pickle-based weights are never uploaded; safetensors only)")
-    if args.dry_run:
-        print("files:", ", ".join(result["files"]))
-        print(result["card"] or "(the folder's own README.md is used as the model card)")
-        return 0
-    print(
-        f"uploaded {len(result['files'])} files to {result['repo_url']} ({result['revision']}): {result['commit_url']}"
-    )
-    return 0
-
-
-# -- parser ----------------------------------------------------------------------------------------------------
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data",
-        nargs="+",
-        metavar="FILE",
-        help="text files or folders (default: the Python tutorial, python3.11-doc)",
-    )
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=EVAL_DEFAULTS["max_tokens"],
-        help="score the first N tokens (default %(default)s)",
-    )
-    p.add_argument(
-        "--window",
-        type=int,
-        default=EVAL_DEFAULTS["window"],
-        help="tokens per independent window (default %(default)s)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-attn-swap", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser(
-        "example-model", help="materialise a packaged real model as a safetensors folder; prints its path"
-    )
-    p.add_argument("name", choices=["smollm2", "minilm"])
-    p.add_argument("--refresh", action="store_true", help="rebuild the cached folder")
-    p.set_defaults(func=_cmd_example_model)
-
-    p = sub.add_parser("convert", help="convert a checkpoint folder SRC into a new folder OUT")
-    p.add_argument("src")
-    p.add_argument("out")
-    p.add_argument("--to", choices=["gqa", "mla"], required=True, help="target attention")
-    p.add_argument("--num-kv-heads", type=int, help="gqa: KV heads after conversion (1 = MQA)")
-    p.add_argument(
-        "--method",
-        default="mean",
-        help="gqa: initialisation method: mean, group, align, fit, group-align, group-fit (default %(default)s;"
-        " all but mean need --calibration-data)",
-    )
-    p.add_argument("--kv-lora-rank", type=int, help="mla: latent values cached per token and layer (R)")
-    p.add_argument("--rope-dim", type=int, help="mla: rotary dims kept in the shared rope key (D, even)")
-    p.add_argument(
-        "--rope-selection", default="high", help="mla: uniform | high | low | norm (default %(default)s)"
-    )
-    p.add_argument("--factorization", default="pca", help="mla: svd | pca (default %(default)s)")
-    p.add_argument(
-        "--num-rope-key-heads", type=int, default=1, help="mla: rope keys per layer (plugin format)"
-    )
-    p.add_argument("--rank-allocation", default="uniform", help="mla: uniform | energy (plugin format)")
-    p.add_argument(
-        "--format",
-        default="deepseek_v3",
-        choices=["deepseek_v3", "plugin"],
-        help="mla: output format (default %(default)s)",
-    )
-    p.add_argument("--calibration-data", nargs="+", metavar="FILE", help="text for activation-aware methods")
-    p.add_argument("--calibration-tokens", type=int, default=8192)
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="dtype to load and save (default: the checkpoint's)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=_cmd_convert)
-
-    p = sub.add_parser(
-        "eval",
-        help="perplexity, KL to a reference, measured KV bytes/token, lm-eval tasks, decode speed",
-    )
-    p.add_argument("model", nargs="+", help="checkpoint folder(s), optionally NAME=PATH")
-    _add_eval_options(p)
-    p.add_argument("--reference", help="checkpoint whose next-token distributions KL is measured against")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--attn-implementation", help="e.g. sdpa, eager")
-    p.add_argument("--json", metavar="OUT", help="write the metrics to this JSON file")
-    p.add_argument(
-        "--tasks",
-        nargs="+",
-        metavar="TASK",
-        help="lm-eval tasks: hfas_text_mc / hfas_text_lastword (built offline from --data), "
-        "a task YAML or folder, or an lm-eval registry name (hellaswag, arc_easy, ...: needs internet)",
-    )
-    p.add_argument("--task-limit", type=float, help="lm-eval: documents per task (int) or fraction")
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument(
-        "--decode-contexts",
-        nargs="+",
-        type=int,
-        metavar="N",
-        help="measure decode tokens/s at these contexts",
-    )
-    p.add_argument("--new-tokens", type=int, default=32, help="decode speed: tokens generated (default 32)")
-    p.add_argument("--markdown", metavar="OUT.md", help="write the results table as markdown")
-    p.add_argument("--plots", metavar="DIR", help="write quality_vs_kv.png (and decode_speed.png) here")
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("bench", help="decode tokens/s at a given context, cache bytes and peak RSS")
-    p.add_argument("model")
-    p.add_argument("--context", type=int, required=True, help="prompt tokens before decoding")
-    p.add_argument(
-        "--new-tokens", type=int, default=16, help="greedy decode steps timed (default %(default)s)"
-    )
-    p.add_argument("--attn-implementation", help="e.g. sdpa, eager, latent_sdpa")
-    p.add_argument(
-        "--cache",
-        default="auto",
-        choices=["auto", "latent", "dynamic"],
-        help="cache class (default: the model's)",
-    )
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--json", metavar="OUT", help="write the measurements to this JSON file")
-    p.set_defaults(func=_cmd_bench)
-
-    p = sub.add_parser("demo", help="main job: convert the packaged SmolLM2 to MQA and evaluate both")
-    _add_eval_options(p)
-    p.add_argument("--num-kv-heads", type=int, default=1)
-    p.add_argument(
-        "--method",
-        nargs="+",
-        action="extend",
-        metavar="NAME",
-        help="one or more GQA methods to convert with and compare (default: mean)",
-    )
-    p.add_argument(
-        "--calibration-data",
-        nargs="+",
-        metavar="FILE",
-        help="calibration text for activation-aware methods (default: the Python library reference)",
-    )
-    p.add_argument("--calibration-tokens", type=int, default=8192)
-    p.add_argument("--calibration-window", type=int, default=512)
-    p.add_argument("--workdir", default="runs/demo", help="where the converted model and demo.json go")
-    p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser(
-        "uptrain",
-        help="train a converted checkpoint MODEL back towards the original on local text; saves OUT",
+COMMANDS: dict[str, Command] = {
+    "example-model": Command(
+        "materialise a packaged real model as a safetensors folder; prints its path",
+        (ExampleModelArguments,),
+        run_example_model,
+        positional=("name",),
+    ),
+    "convert": Command(
+        "convert a checkpoint folder SRC into a new folder OUT",
+        (ConvertArguments, GQAConfig, MLAConversionConfig, CalibrationConfig),
+        run_convert,
+        positional=("src", "out"),
+        aliases={"num_key_value_heads": ["--num-kv-heads"], "qk_rope_head_dim": ["--rope-dim"]},
+        description="--to gqa takes --num-kv-heads and --method; --to mla takes --kv-lora-rank, --rope-dim and the "
+        "other MLA options. Calibrating methods read --calibration-data.",
+    ),
+    "eval": Command(
+        "perplexity, KL to a reference, measured KV bytes/token, lm-eval tasks, decode speed",
+        (EvalOutputs, EvalDataConfig, EvalConfig),
+        run_eval,
+        positional=("model",),
+    ),
+    "bench": Command(
+        "decode tokens/s at a given context, cache bytes and peak RSS",
+        (BenchArguments,),
+        run_bench,
+        positional=("model",),
+    ),
+    "demo": Command(
+        "main job: convert the packaged SmolLM2 to MQA and evaluate both",
+        (DemoConfig, EvalDataConfig, CalibrationConfig),
+        run_demo,
+        aliases={"num_key_value_heads": ["--num-kv-heads"]},
+    ),
+    "uptrain": Command(
+        "train a converted checkpoint MODEL back towards the original on local text; saves OUT",
+        (UptrainConfig, UptrainCommandArguments),
+        run_uptrain,
+        positional=("model", "output"),
+        aliases={"learning_rate": ["--lr"]},
+        exclude=("convert",),
+        defaults_from="config",
         description="Modes: layerwise (attention regresses the original attention outputs), distill (KL to the "
         "original logits), lora (adapters on the converted attention, merged), full (next-token loss). "
         "Rerunning the same command resumes from the newest checkpoint in OUT.checkpoints.",
-    )
-    S = argparse.SUPPRESS
-    p.add_argument("model", help="converted checkpoint folder (any format from_pretrained loads)")
-    p.add_argument("output", metavar="out", help="folder for the trained model (same format as MODEL)")
-    p.add_argument(
-        "--data", nargs="+", metavar="FILE", default=S, help="training text (default: Python library docs)"
-    )
-    p.add_argument(
-        "--max-tokens", type=int, default=S, help="training-token budget (rounded up to whole steps)"
-    )
-    p.add_argument(
-        "--mode", choices=["layerwise", "distill", "lora", "full"], default=S, help="default layerwise"
-    )
-    p.add_argument(
-        "--teacher", default=S, help="original model (default: the source in MODEL/conversion.json)"
-    )
-    p.add_argument("--config", help="YAML recipe (recipes/configs/*.yaml) supplying defaults for the flags")
-    p.add_argument("--block-size", type=int, default=S, help="tokens per training sequence (default 512)")
-    p.add_argument(
-        "--batch-size", type=int, default=S, help="sequences per device per micro-step (default 1)"
-    )
-    p.add_argument("--gradient-accumulation-steps", type=int, default=S)
-    p.add_argument("--learning-rate", "--lr", type=float, default=S, help="default: the mode's")
-    p.add_argument("--lr-scheduler", default=S, help="transformers scheduler name (default cosine)")
-    p.add_argument("--warmup-ratio", type=float, default=S)
-    p.add_argument("--weight-decay", type=float, default=S)
-    p.add_argument("--max-grad-norm", type=float, default=S)
-    p.add_argument("--seed", type=int, default=S)
-    p.add_argument("--trainable", choices=["attention", "all"], default=S, help="full/distill: what trains")
-    p.add_argument(
-        "--freeze",
-        nargs="+",
-        metavar="NAME",
-        default=S,
-        help="keep parameters whose name contains NAME frozen (e.g. kv_a_proj_with_mqa for deepseek_v3 MLA exports)",
-    )
-    p.add_argument("--lora-r", type=int, default=S)
-    p.add_argument("--lora-alpha", type=int, default=S)
-    p.add_argument("--lora-dropout", type=float, default=S)
-    p.add_argument("--kl-temperature", type=float, default=S)
-    p.add_argument("--ce-weight", type=float, default=S, help="distill: weight of the next-token loss added")
-    p.add_argument("--bf16", action="store_true", default=S, help="bf16 autocast (GPU)")
-    p.add_argument("--attn-implementation", default=S)
-    p.add_argument(
-        "--save-steps", type=int, default=S, help="checkpoint every N optimizer steps (default 50)"
-    )
-    p.add_argument("--logging-steps", type=int, default=S)
-    p.add_argument("--checkpoint-dir", default=S, help="default: OUT.checkpoints")
-    p.add_argument(
-        "--no-resume", dest="resume", action="store_false", default=S, help="discard old checkpoints"
-    )
-    p.add_argument("--keep-checkpoints", action="store_true", default=S)
-    p.add_argument("--overwrite", action="store_true", default=S, help="replace OUT if it exists")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=S)
-    p.add_argument(
-        "--eval-data", nargs="+", metavar="FILE", default=S, help="held-out text (default: tutorial)"
-    )
-    p.add_argument(
-        "--eval-tokens", type=int, default=S, help="score N held-out tokens before and after (0: off)"
-    )
-    p.add_argument("--eval-window", type=int, default=S)
-    p.add_argument("--json", metavar="FILE", help="also write the training record here")
-    p.set_defaults(func=_cmd_uptrain)
+    ),
+    "push": Command(
+        "upload a checkpoint folder to the Hugging Face Hub with a generated model card",
+        (PushArguments,),
+        run_push,
+        positional=("model",),
+    ),
+}
 
-    p = sub.add_parser(
-        "push", help="upload a checkpoint folder to the Hugging Face Hub with a generated model card"
+
+class _Recorder:
+    """Stands in for a parser to catch the ``add_argument`` calls HfArgumentParser derives from a field."""
+
+    def __init__(self):
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def add_argument(self, *flags, **kwargs):
+        self.calls.append((flags, kwargs))
+
+
+class ArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` plus what it cannot express and this CLI needs (each a few lines below):
+
+    - positional arguments (it makes every field an ``--option``): ``positional`` fields become ``SRC OUT`` style
+      arguments with the type, choices and help HfArgumentParser derives;
+    - flags spelled otherwise than the field (``--num-kv-heads``, ``--rope-dim``, ``--lr``): ``flag_aliases``,
+      per command so the method configs stay free of CLI spellings;
+    - plain switches: it turns a ``bool = False`` field into ``--flag [true|false]``, which would swallow a
+      following positional (``convert --overwrite SRC OUT``), and a ``bool = True`` one into a no-op ``--flag``
+      plus ``--no-flag``; here they are ``--flag`` (store_true) and ``--no-flag`` (store_false) as before;
+    - one spelling per flag: ``--max-tokens`` (it also adds ``--max_tokens``, doubling every line of --help).
+    ``exclude`` leaves fields out (settable only through ``set_defaults``, e.g. a recipe's ``convert:`` section).
+    """
+
+    def __init__(self, dataclass_types=None, positional=(), flag_aliases=None, exclude=(), **kwargs):
+        self.positional = set(positional)
+        self.flag_aliases = dict(flag_aliases or {})
+        self.exclude = set(exclude)
+        super().__init__(dataclass_types, **kwargs)
+
+    def _parse_dataclass_field(self, parser, field):
+        if field.name in self.exclude:
+            return
+        recorder = _Recorder()
+        HfArgumentParser._parse_dataclass_field(recorder, field)
+        (flags, kwargs), *complement = recorder.calls
+        if field.name in self.positional:
+            kwargs.pop("required", None)
+            parser.add_argument(field.name, **kwargs)
+            return
+        dashed = "--" + field.name.replace("_", "-")
+        kwargs["dest"] = field.name
+        if complement:  # bool defaulting to True: only --no-FLAG
+            off = complement[0][1]
+            parser.add_argument(
+                "--no-" + dashed[2:], **{**off, "default": True, "help": f"turn off: {off['help']}"}
+            )
+            return
+        if kwargs.get("nargs") == "?" and kwargs.get("const") is True:  # bool defaulting to False: a switch
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("type", "nargs", "const")}
+            kwargs["action"] = "store_true"
+        parser.add_argument(*self.flag_aliases.get(field.name, []), dashed, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-attn-swap`` parser; ``parser.commands[NAME]`` is each sub-command's ``ArgumentParser``."""
+    parser = argparse.ArgumentParser(
+        prog="hf-attn-swap",
+        description="Attention surgery for Hugging Face transformers: convert checkpoints (MHA/GQA -> GQA/MQA or "
+        "MLA), evaluate, benchmark, uptrain and publish them. `hf-attn-swap COMMAND --help` lists each command's "
+        "flags.",
     )
-    p.add_argument("model", help="checkpoint folder (safetensors weights)")
-    p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
-    p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--revision", help="branch to commit to (created if missing; default main)")
-    p.add_argument(
-        "--eval-json", help="`hf-attn-swap eval --json` output for the card (default: MODEL/eval.json)"
-    )
-    p.add_argument("--base-model", help="Hub id of the original model, for the card metadata")
-    p.add_argument("--commit-message")
-    p.add_argument(
-        "--dry-run", action="store_true", help="print the file list and model card; upload nothing"
-    )
-    p.set_defaults(func=_cmd_push)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    parser.commands = {}
+    for name, command in COMMANDS.items():
+        parser.commands[name] = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.description or command.help,
+            dataclass_types=command.options,
+            positional=command.positional,
+            flag_aliases=command.aliases,
+            exclude=command.exclude,
+        )
     return parser
 
 
+def parse(argv: list[str] | None = None) -> tuple[str, tuple]:
+    """(command, its option instances). Raises ``SystemExit`` for what argparse rejects (usage errors) and the
+    dataclasses' ``ValueError`` for invalid values."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = COMMANDS[args.command]
+    path = getattr(args, command.defaults_from, None) if command.defaults_from else None
+    if path:  # the recipe's settings become the flags' defaults: flags given on the command line win
+        settings = load_recipe_yaml(path)
+        known = {f.name for cls in command.options for f in dataclasses.fields(cls)} - {command.defaults_from}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"unknown {args.command} setting(s) {unknown} in {path}; known: {sorted(known)}")
+        parser.commands[args.command].set_defaults(**settings)
+        args = parser.parse_args(argv)
+    values = vars(args)
+    options = tuple(
+        cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values})
+        for cls in command.options
+    )
+    return args.command, options
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = next((a for a in argv if a in COMMANDS), "")
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as err:
-        print(f"hf-attn-swap {args.command}: error: {err}", file=sys.stderr)
+        name, options = parse(argv)
+        return COMMANDS[name].run(*options)
+    except USER_ERRORS as err:
+        print(f"hf-attn-swap {name}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -3,38 +3,34 @@
     python recipes/evaluate.py --config recipes/configs/evaluate_smollm2.yaml
     python recipes/evaluate.py --config recipes/configs/evaluate_smollm2.yaml max_tokens=2048 tasks=null
 
-Config keys: ``models`` (name -> folder; ``example:smollm2`` for the packaged original), ``reference``,
-``data`` (held-out text; default the Python tutorial), ``max_tokens``, ``window``, ``tasks`` (lm-eval: the
-offline ``hfas_text_mc`` / ``hfas_text_lastword``, a task YAML, or registry names such as ``hellaswag`` when
-online), ``task_limit``, ``num_fewshot``, ``decode_contexts``, ``new_tokens``, ``output`` (folder).
-Same engine as ``hf-attn-swap eval`` (``hf_attn_swap.evaluate.suite``).
+Config keys: ``models`` (name -> folder; ``example:smollm2`` for the packaged original), ``output`` (folder), and
+the options of ``hf-attn-swap eval`` with the same defaults (``hf_attn_swap.pipeline.evaluate``): ``data``
+(held-out text; default the Python tutorial), ``max_tokens``, ``window`` (``EvalDataConfig``), ``reference``,
+``batch_size``, ``dtype``, ``attn_implementation``, ``tasks`` (lm-eval: the offline ``hfas_text_mc`` /
+``hfas_text_lastword``, a task YAML, or registry names such as ``hellaswag`` when online), ``task_limit``,
+``num_fewshot``, ``decode_contexts``, ``new_tokens`` (``EvalConfig``). Read with ``HfArgumentParser.parse_dict``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-SUITE_KEYS = (
-    "data",
-    "max_tokens",
-    "window",
-    "batch_size",
-    "dtype",
-    "attn_implementation",
-    "tasks",
-    "task_limit",
-    "num_fewshot",
-    "decode_contexts",
-    "new_tokens",
+from hf_attn_swap.pipeline.evaluate import EvalConfig, EvalDataConfig, EvalRecipe
+
+#: the suite options a config may set besides models / reference / output
+SUITE_KEYS = tuple(
+    f.name for cls in (EvalDataConfig, EvalConfig) for f in dataclasses.fields(cls) if f.name != "reference"
 )
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_attn_swap.evaluate.suite import evaluate_suite, suite_markdown, suite_plots
+    from hf_attn_swap.evaluate.suite import suite_markdown, suite_plots
     from hf_attn_swap.io.folders import machine_info, write_json
-    from hf_attn_swap.uptrain.config import load_recipe_yaml, resolve_source
+    from hf_attn_swap.io.recipes import load_recipe_yaml, parse_settings, resolve_source
+    from hf_attn_swap.pipeline.evaluate import run_suite
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -43,16 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     config = load_recipe_yaml(args.config, args.overrides, required=("models",))
-    unknown = set(config) - {"models", "reference", "output", *SUITE_KEYS}
-    if unknown:
-        raise SystemExit(f"unknown keys in {args.config}: {sorted(unknown)}")
-    models = {name: str(resolve_source(path)) for name, path in config["models"].items()}
-    reference = str(resolve_source(config["reference"])) if config.get("reference") else None
+    recipe, data, suite = parse_settings(
+        config, (EvalRecipe, EvalDataConfig, EvalConfig), Path(args.config).name
+    )
+    models = {name: str(resolve_source(path)) for name, path in recipe.models.items()}
+    if suite.reference:
+        suite = dataclasses.replace(suite, reference=str(resolve_source(suite.reference)))
     missing = [f"{n} ({p})" for n, p in models.items() if not Path(p).exists()]
     if missing:
         raise SystemExit(f"missing checkpoints: {', '.join(missing)} (convert/uptrain them first)")
-    results = evaluate_suite(models, reference=reference, **{k: config[k] for k in SUITE_KEYS if k in config})
-    output = Path(config.get("output", "runs/evaluate")).expanduser()
+    results = run_suite(models, data, suite)
+    output = Path(recipe.output).expanduser()
     table = suite_markdown(results)
     print(table)
     write_json(

@@ -6,9 +6,11 @@
         recipes/uptrain.py --config recipes/configs/smollm2_mqa_distill.yaml bf16=true
 
 When ``model`` does not exist yet and the config has a ``convert:`` section, the model is first converted from
-``convert.source`` (``example:smollm2`` = the packaged SmolLM2) with ``hf_attn_swap.pipeline.convert.convert_checkpoint``
-(the other keys of the section are its arguments). Rerunning an interrupted recipe resumes it.
-Same engine as ``hf-attn-swap uptrain`` (``hf_attn_swap.uptrain.uptrain``).
+``convert.source`` (``example:smollm2`` = the packaged SmolLM2) with ``hf_attn_swap.pipeline.convert.convert_checkpoint``;
+the other keys of the section are its arguments: ``to: gqa`` with ``num_key_value_heads``/``method`` (``GQAConfig``),
+``to: mla`` with ``mla: {...}`` (``MLAConversionConfig``), ``calibration_data``/``calibration_tokens``. The rest of
+the YAML is an ``UptrainConfig`` (read with ``HfArgumentParser.parse_dict``). Rerunning an interrupted recipe resumes
+it. Same engine as ``hf-attn-swap uptrain`` (``hf_attn_swap.uptrain.uptrain``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ def convert_if_missing(model: str, convert: dict | None) -> None:
     """Build ``model`` from the ``convert:`` section (once, on the main process) if it does not exist."""
     from accelerate import PartialState
 
+    from hf_attn_swap.io.recipes import resolve_source
     from hf_attn_swap.pipeline.convert import convert_checkpoint
-    from hf_attn_swap.uptrain.config import resolve_source
     from hf_attn_swap.uptrain.run import cpu_only
 
     if Path(model).expanduser().exists():
@@ -40,8 +42,8 @@ def convert_if_missing(model: str, convert: dict | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hf_attn_swap.io.recipes import parse_recipe
     from hf_attn_swap.uptrain import UptrainConfig, uptrain
-    from hf_attn_swap.uptrain.config import load_recipe_yaml
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    config = UptrainConfig.from_dict(
-        load_recipe_yaml(args.config, args.overrides, required=("model", "output"))
-    )
+    # HfArgumentParser.parse_dict: one UptrainConfig, validated by its __post_init__
+    (config,) = parse_recipe(args.config, args.overrides, (UptrainConfig,), required=("model", "output"))
     convert_if_missing(config.model, config.convert)
     record = uptrain(config)
     if record is not None:  # main process

@@ -7,13 +7,44 @@ ordinary forwards of the unmodified model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..adapters import get_adapter
 from ..io.text import load_token_ids, resolve_text_files, windows
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration text for activation-aware conversions (GQA ``group``/``align``/``fit``..., MLA ``pca`` and the
+    ``norm`` rope selection): which text, how much of it, and how it is cut into forwards. One set of defaults for
+    ``convert_checkpoint``, ``hf-attn-swap convert``/``demo`` and the recipes."""
+
+    calibration_data: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "calibration text files or folders (MLA and demo default: the Python library reference, "
+            "disjoint from the eval text; the calibrated GQA methods need it given)",
+            "metavar": "FILE",
+        },
+    )
+    calibration_tokens: int = field(
+        default=8192, metadata={"help": "calibrate on the first N tokens of the calibration text"}
+    )
+    calibration_window: int = field(
+        default=512, metadata={"help": "tokens per forward while collecting calibration activations"}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.calibration_data, (str, Path)):
+            self.calibration_data = [str(self.calibration_data)]
+        for name in ("calibration_tokens", "calibration_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive number of tokens, got {value!r}")
 
 
 @dataclass
@@ -33,7 +64,7 @@ class Calibration:
 def collect_calibration(
     model: nn.Module,
     token_ids: torch.Tensor,
-    window: int = 512,
+    window: int = CalibrationConfig.calibration_window,
     max_rows: int | None = None,
     key_weights: bool = False,
 ) -> Calibration:
@@ -88,7 +119,10 @@ def collect_calibration(
 
 
 def collect_attention_inputs(
-    model: nn.Module, token_ids: torch.Tensor, window: int = 512, max_rows: int | None = None
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    window: int = CalibrationConfig.calibration_window,
+    max_rows: int | None = None,
 ) -> list[torch.Tensor]:
     """Per layer, the attention inputs [N, hidden] (float32, CPU) for ``token_ids`` cut into windows.
 
@@ -108,14 +142,23 @@ def require_calibration_files(paths, method: str = "this method"):
 
 
 def collect_attention_inputs_from_files(
-    model: nn.Module, tokenizer, paths, max_tokens: int = 8192, window: int = 512
+    model: nn.Module,
+    tokenizer,
+    paths,
+    max_tokens: int = CalibrationConfig.calibration_tokens,
+    window: int = CalibrationConfig.calibration_window,
 ) -> list[torch.Tensor]:
     """``collect_attention_inputs`` on the first ``max_tokens`` tokens of the text files at ``paths``."""
     return collect_calibration_from_files(model, tokenizer, paths, max_tokens, window).inputs
 
 
 def collect_calibration_from_files(
-    model: nn.Module, tokenizer, paths, max_tokens: int = 8192, window: int = 512, key_weights: bool = False
+    model: nn.Module,
+    tokenizer,
+    paths,
+    max_tokens: int = CalibrationConfig.calibration_tokens,
+    window: int = CalibrationConfig.calibration_window,
+    key_weights: bool = False,
 ) -> Calibration:
     """``collect_calibration`` on the first ``max_tokens`` tokens of the text files at ``paths``."""
     require_calibration_files(paths)

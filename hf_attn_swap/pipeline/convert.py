@@ -1,15 +1,19 @@
-"""Folder to folder conversion: ``convert_checkpoint(src, out, to="gqa"|"mla", ...)``.
+"""Folder to folder conversion: ``convert_checkpoint(src, out, to="gqa"|"mla"|<config>, ...)``, and the
+``hf-attn-swap convert`` job (``ConvertArguments``, ``run_convert``).
 
 The source folder is only ever read. Everything that can be checked from its config is checked before any weight
 is loaded, and OUT is written through ``atomic_output_dir``: it appears complete or not at all. ``to="mla"`` goes
-through ``convert_mla_checkpoint`` (stock ``deepseek_v3`` or the plugin format).
+through ``convert_mla_checkpoint`` (stock ``deepseek_v3`` or the plugin format). The options are the method configs
+(``GQAConfig``, ``MLAConversionConfig``) and ``CalibrationConfig``; ``conversion.json`` records them
+(``details["options"]``, ``details["calibration_*"]``).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -21,35 +25,21 @@ from ..io.checkpoints import (
     load_tokenizer,
 )
 from ..io.folders import atomic_output_dir, check_output, check_source, parse_dtype
+from ..methods.calibration import CalibrationConfig
+from ..methods.gqa import GQA_METHODS, GQAConfig
+from ..methods.mla import LADDER_SELECTIONS, MLAConversionConfig
 from ..methods.mla.convert import (
     convert_to_mla,
     max_kv_lora_rank,
     mla_kv_bytes_per_token,
     validate_mla_options,
 )
-from ..methods.mla.rope import LADDER_SELECTIONS
 from ..methods.report import ConversionReport
 
-FORMATS = ("deepseek_v3", "plugin")
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-@dataclass
-class MLAOptions:
-    """kv_lora_rank: latent values cached per token and layer (besides the rope key). In ``deepseek_v3`` format
-    one of them is the constant channel that neutralises ``kv_a_layernorm`` (``hf_attn_swap.export``), so the
-    learned latent has kv_lora_rank - 1 dims; the cache is (kv_lora_rank + qk_rope_head_dim) values either way."""
-
-    kv_lora_rank: int | None = None
-    qk_rope_head_dim: int | None = None
-    rope_selection: str = "high"
-    factorization: str = "pca"
-    num_rope_key_heads: int = 1
-    rank_allocation: str = "uniform"
-    format: str = "deepseek_v3"
-    balance_kv: bool = True
-
-
-def _check_deepseek_options(opts: MLAOptions, config, layout) -> None:
+def _check_deepseek_options(opts: MLAConversionConfig, config, layout) -> None:
     problems = []
     if opts.num_rope_key_heads != 1:
         problems.append("--num-rope-key-heads must be 1 (one shared rope key)")
@@ -66,7 +56,7 @@ def _check_deepseek_options(opts: MLAOptions, config, layout) -> None:
             "deepseek_v3 cannot express this conversion: " + "; ".join(problems) + ". Use --format plugin."
         )
     rank = opts.kv_lora_rank
-    if isinstance(rank, int) and not isinstance(rank, bool) and not 2 <= rank <= max_kv_lora_rank(layout) + 1:
+    if not 2 <= rank <= max_kv_lora_rank(layout) + 1:
         raise ValueError(
             f"kv_lora_rank={rank} is out of range for --format deepseek_v3: it must be between 2 and "
             f"{max_kv_lora_rank(layout) + 1} (one latent channel holds the constant that neutralises kv_a_layernorm)"
@@ -74,26 +64,26 @@ def _check_deepseek_options(opts: MLAOptions, config, layout) -> None:
 
 
 def convert_mla_checkpoint(
-    src, out, config, dtype, options, calibration_data, calibration_tokens: int, overwrite: bool
+    src, out, config, dtype, options: MLAConversionConfig, calibration: CalibrationConfig, overwrite: bool
 ) -> ConversionReport:
-    opts = options if isinstance(options, MLAOptions) else MLAOptions(**options)
+    """``convert_checkpoint(..., to=options)`` once ``src``/``out``/``dtype`` are checked and ``config`` is read."""
+    opts = options
     if opts.kv_lora_rank is None or opts.qk_rope_head_dim is None:
         raise ValueError(
             "--to mla needs --kv-lora-rank R and --rope-dim D (KV cache: R + D values per token and layer)"
         )
-    if opts.format not in FORMATS:
-        raise ValueError(f"unknown format {opts.format!r}; choose one of {', '.join(FORMATS)}")
+    # the pipeline always has calibration text (the library reference by default): an unset factorization is pca
+    opts = replace(opts, factorization=opts.resolved_factorization(calibrated=True))
     deepseek = opts.format == "deepseek_v3"
     layout = get_adapter(config).layout(config)
     if deepseek:
         _check_deepseek_options(opts, config, layout)
-    latent_rank = opts.kv_lora_rank - 1 if deepseek else opts.kv_lora_rank
-    validate_mla_options(
-        config, latent_rank, opts.qk_rope_head_dim, opts.rope_selection, opts.factorization, opts.num_rope_key_heads,
-        opts.rank_allocation,
-    )  # fmt: skip
+    # deepseek_v3: one of the kv_lora_rank cached channels is the constant that neutralises kv_a_layernorm
+    latent = replace(opts, kv_lora_rank=opts.kv_lora_rank - 1) if deepseek else opts
+    validate_mla_options(config, latent)
 
-    calibration, files, tokenizer = None, None, None
+    calibration_inputs, files, tokenizer = None, None, None
+    calibration_data = calibration.calibration_data
     needs_text = calibration_data or opts.factorization == "pca" or opts.rope_selection == "norm"
     if needs_text:  # before any weight is loaded
         why = [f"--factorization {opts.factorization}"] if opts.factorization == "pca" else []
@@ -112,19 +102,17 @@ def convert_mla_checkpoint(
         from ..methods.calibration import collect_attention_inputs_from_files
 
         files = calibration_data or default_train_files()
-        calibration = collect_attention_inputs_from_files(
-            model, tokenizer, files, max_tokens=calibration_tokens
+        calibration_inputs = collect_attention_inputs_from_files(
+            model, tokenizer, files, calibration.calibration_tokens, calibration.calibration_window
         )
-    report = convert_to_mla(
-        model, latent_rank, opts.qk_rope_head_dim, opts.rope_selection, opts.factorization, calibration,
-        opts.num_rope_key_heads, opts.rank_allocation, opts.balance_kv,
-    )  # fmt: skip
+    report = convert_to_mla(model, latent, calibration=calibration_inputs)
     report.details.update(
         source=str(src),
         format=opts.format,
         options=asdict(opts),
         calibration_data=None if files is None else [str(f) for f in files],
-        calibration_tokens=None if files is None else calibration_tokens,
+        calibration_tokens=None if files is None else calibration.calibration_tokens,
+        calibration_window=None if files is None else calibration.calibration_window,
     )
     saved = model
     if deepseek:
@@ -144,59 +132,82 @@ def convert_mla_checkpoint(
     return report
 
 
+def _target(to, num_key_value_heads, method, mla) -> GQAConfig | MLAConversionConfig:
+    """The validated options of ``convert_checkpoint``'s target: a config given as ``to``, or one built from the
+    loose arguments (``to="gqa"``: ``num_key_value_heads``/``method``; ``to="mla"``: the ``mla`` dict)."""
+    if isinstance(to, (GQAConfig, MLAConversionConfig)):
+        if num_key_value_heads is not None or method != GQAConfig.method or mla is not None:
+            raise ValueError(
+                "pass the options in the config given as `to` or as arguments (num_key_value_heads, method, mla), "
+                "not both"
+            )
+        return to
+    if to == "mla":
+        if isinstance(mla, MLAConversionConfig):
+            return mla
+        known = [f.name for f in fields(MLAConversionConfig)]
+        unknown = sorted(set(mla or {}) - set(known))
+        if unknown:
+            raise ValueError(f"unknown MLA option(s) {unknown}; known: {known}")
+        return MLAConversionConfig(**(mla or {}))
+    if to != "gqa":
+        raise ValueError(f"unknown conversion target {to!r}; choose gqa or mla")
+    return GQAConfig(num_key_value_heads, method)
+
+
 def convert_checkpoint(
     src: str | Path,
     out: str | Path,
-    to: str = "gqa",
+    to: str | GQAConfig | MLAConversionConfig = "gqa",
     *,
     num_key_value_heads: int | None = None,
-    method: str = "mean",
+    method: str = GQAConfig.method,
     calibration_data=None,
-    calibration_tokens: int = 8192,
+    calibration_tokens: int = CalibrationConfig.calibration_tokens,
+    calibration_window: int = CalibrationConfig.calibration_window,
     calibration_inputs=None,
     dtype: str = "auto",
     overwrite: bool = False,
-    mla: dict | None = None,
+    mla: MLAConversionConfig | dict | None = None,
 ) -> ConversionReport:
     """Load ``src``, convert it, and save the result (weights, config, tokenizer, ``conversion.json``) to ``out``.
 
+    The target: ``to="gqa"`` with ``num_key_value_heads`` and ``method``, ``to="mla"`` with its options in ``mla``
+    (an ``MLAConversionConfig`` or a dict of its fields), or the config itself as ``to``:
+    ``convert_checkpoint(src, out, GQAConfig(1, "fit"), calibration_data=[...])``.
+
     Everything that can be checked from the config (family, head counts, dtype, paths) is checked before any
     weight is loaded; nothing is written to ``out`` unless the conversion succeeds. Methods that need calibration
-    read the first ``calibration_tokens`` tokens of ``calibration_data``, unless ``calibration_inputs`` (a
-    ``hf_attn_swap.methods.calibration.Calibration`` of this source model) is given.
-    ``to="mla"`` takes its options in ``mla`` (see ``hf_attn_swap.pipeline.convert.MLAOptions``).
+    read the first ``calibration_tokens`` tokens of ``calibration_data`` (``CalibrationConfig``), unless
+    ``calibration_inputs`` (a ``hf_attn_swap.methods.calibration.Calibration`` of this source model) is given.
     """
     from transformers import AutoConfig
 
     from ..methods.gqa import convert_to_gqa, validate_num_key_value_heads
-    from ..methods.gqa.convert import GQA_METHODS
 
+    target = _target(to, num_key_value_heads, method, mla)
+    calibration = CalibrationConfig(calibration_data, calibration_tokens, calibration_window)
     src = check_source(src)
     out = check_output(out, src=src, overwrite=overwrite)
     torch_dtype = parse_dtype(dtype)
     config = AutoConfig.from_pretrained(src)
     adapter = get_adapter(config)
     layout = adapter.layout(config)
-    if to == "mla":
-        return convert_mla_checkpoint(
-            src, out, config, torch_dtype, mla or {}, calibration_data, calibration_tokens, overwrite
-        )
-    if to != "gqa":
-        raise ValueError(f"unknown conversion target {to!r}; choose gqa or mla")
-    if num_key_value_heads is None:
+    if isinstance(target, MLAConversionConfig):
+        return convert_mla_checkpoint(src, out, config, torch_dtype, target, calibration, overwrite)
+    if target.num_key_value_heads is None:
         raise ValueError("--to gqa needs --num-kv-heads N (1 = MQA)")
-    validate_num_key_value_heads(layout, num_key_value_heads)
-    if getattr(GQA_METHODS.get(method), "needs_calibration", False) and calibration_inputs is None:
+    validate_num_key_value_heads(layout, target.num_key_value_heads)
+    gqa_method = GQA_METHODS[target.method]
+    if gqa_method.needs_calibration and calibration_inputs is None:
         from ..methods.calibration import require_calibration_files
 
-        require_calibration_files(calibration_data, f"method {method!r}")  # before any weight is loaded
-    if method not in GQA_METHODS:
-        raise ValueError(f"unknown GQA method {method!r}; choose one of {sorted(GQA_METHODS)}")
-    gqa_method = GQA_METHODS[method]
-    calibration = calibration_inputs
-    needs_text = gqa_method.needs_calibration and calibration is None
+        require_calibration_files(
+            calibration_data, f"method {target.method!r}"
+        )  # before any weight is loaded
+    needs_text = gqa_method.needs_calibration and calibration_inputs is None
     tokenizer = (
-        load_tokenizer(src, f"method {method!r} calibrates on text", "use --method mean")
+        load_tokenizer(src, f"method {target.method!r} calibrates on text", "use --method mean")
         if needs_text
         else None
     )
@@ -207,21 +218,57 @@ def convert_checkpoint(
         from transformers import AutoModel
 
         model = AutoModel.from_pretrained(str(src), dtype=torch_dtype).eval()
+    activations = calibration_inputs
     if needs_text:
         from ..methods.calibration import collect_calibration_from_files
 
-        calibration = collect_calibration_from_files(
+        activations = collect_calibration_from_files(
             model,
             tokenizer,
-            calibration_data,
-            max_tokens=calibration_tokens,
+            calibration.calibration_data,
+            max_tokens=calibration.calibration_tokens,
+            window=calibration.calibration_window,
             key_weights=gqa_method.uses_key_weights,
         )
-    report = convert_to_gqa(model, num_key_value_heads, method=gqa_method, calibration=calibration)
-    report.details["source"] = str(src)
+    report = convert_to_gqa(model, target.num_key_value_heads, method=gqa_method, calibration=activations)
+    report.details.update(source=str(src), options=asdict(target))
+    if needs_text:
+        report.details.update(
+            calibration_data=[str(f) for f in calibration.calibration_data],
+            calibration_window=calibration.calibration_window,
+        )  # details["calibration_tokens"]: the rows the method saw (convert_to_gqa)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer_files(src, tmp)
         copy_sentence_transformers_files(src, tmp)
         report.save(tmp)
     return report
+
+
+# -- hf-attn-swap convert --------------------------------------------------------------------------------------
+@dataclass
+class ConvertArguments:
+    """``hf-attn-swap convert SRC OUT --to gqa|mla``; the target's options are ``GQAConfig`` /
+    ``MLAConversionConfig``, the calibration text's ``CalibrationConfig``."""
+
+    src: str = field(metadata={"help": "checkpoint folder to convert (only read)"})
+    out: str = field(metadata={"help": "new folder for the converted checkpoint"})
+    to: Literal["gqa", "mla"] = field(metadata={"help": "target attention"})
+    dtype: DType = field(default="auto", metadata={"help": "dtype to load and save (auto: the checkpoint's)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
+
+
+def run_convert(
+    args: ConvertArguments, gqa: GQAConfig, mla: MLAConversionConfig, calibration: CalibrationConfig
+) -> int:
+    report = convert_checkpoint(
+        args.src,
+        args.out,
+        gqa if args.to == "gqa" else mla,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        **asdict(calibration),
+    )
+    print(report)
+    print(f"saved to {args.out}")
+    return 0

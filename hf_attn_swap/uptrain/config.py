@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..io.recipes import load_recipe_yaml, parse_settings
 
 #: fields that may differ between a run and its resumption (everything else must match the checkpoints)
 NOT_PART_OF_RUN = (
@@ -31,43 +34,92 @@ class UptrainConfig:
     Token budget: ``max_tokens`` training tokens, rounded up to whole optimizer steps of
     ``block_size * batch_size * gradient_accumulation_steps * world_size`` tokens; the text is cycled when it
     holds fewer tokens than the budget.
+
+    The fields are ``hf-attn-swap uptrain``'s flags (``HfArgumentParser``) and the recipes' YAML keys
+    (``from_yaml``); YAML strings such as ``1e-3`` become numbers here.
     """
 
-    model: str | None = None
-    output: str | None = None
-    data: list[str] | None = None  # default: hf_attn_swap.io.text.default_train_files() (Python library docs)
-    max_tokens: int | None = None
-    mode: str = "layerwise"  # full | lora | distill | layerwise
-    teacher: str | None = None  # default: the source recorded in MODEL/conversion.json
-    block_size: int = 512
-    batch_size: int = 1  # blocks per device per micro-step
-    gradient_accumulation_steps: int = 1
-    learning_rate: float | None = None  # default: the mode's
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    trainable: str | None = None  # attention | all (full, distill); default: the mode's
-    freeze: list[str] | None = None  # parameters whose name contains one of these strings stay frozen
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    kl_temperature: float = 1.0
-    ce_weight: float = 0.0  # distill: weight of the plain next-token loss added to the KL
-    bf16: bool = False  # bf16 autocast (GPU); weights stay float32 while training
-    attn_implementation: str | None = None
-    save_steps: int = 50
-    logging_steps: int = 1
-    checkpoint_dir: str | None = None  # default: OUTPUT.checkpoints next to OUTPUT
-    resume: bool = True  # continue from the newest complete checkpoint of the same run
-    keep_checkpoints: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    eval_data: list[str] | None = None  # held-out text scored before and after training (eval_tokens > 0)
-    eval_tokens: int = 0
-    eval_window: int = 1024
-    convert: dict | None = field(default=None)  # recipes: how to build ``model`` when it does not exist yet
+    model: str | None = field(
+        default=None, metadata={"help": "converted checkpoint folder (any format from_pretrained loads)"}
+    )
+    output: str | None = field(
+        default=None,
+        metadata={"help": "folder for the trained model (same format as MODEL)", "metavar": "out"},
+    )
+    data: list[str] | None = field(
+        default=None, metadata={"help": "training text (default: Python library docs)", "metavar": "FILE"}
+    )
+    max_tokens: int | None = field(
+        default=None, metadata={"help": "training-token budget (rounded up to whole steps)"}
+    )
+    mode: str = field(default="layerwise", metadata={"help": "layerwise | distill | lora | full"})
+    teacher: str | None = field(
+        default=None, metadata={"help": "original model (default: the source in MODEL/conversion.json)"}
+    )
+    block_size: int = field(default=512, metadata={"help": "tokens per training sequence"})
+    batch_size: int = field(default=1, metadata={"help": "sequences per device per micro-step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "default: the mode's (layerwise 1e-3, lora 1e-3, distill 1e-4, full 1e-4)"},
+    )
+    lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "warm-up fraction of the steps, in [0, 1)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order and initialisation"})
+    trainable: str | None = field(
+        default=None, metadata={"help": "full/distill: what trains, attention | all (default: the mode's)"}
+    )
+    freeze: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "keep parameters whose name contains NAME frozen (e.g. kv_a_proj_with_mqa for deepseek_v3 MLA "
+            "exports)",
+            "metavar": "NAME",
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "lora: adapter rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "lora: adapter scale numerator"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "lora: adapter dropout"})
+    kl_temperature: float = field(default=1.0, metadata={"help": "distill: softmax temperature"})
+    ce_weight: float = field(default=0.0, metadata={"help": "distill: weight of the next-token loss added"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (GPU); weights stay float32"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager"})
+    save_steps: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
+    logging_steps: int = field(default=1, metadata={"help": "log the loss every N optimizer steps"})
+    checkpoint_dir: str | None = field(default=None, metadata={"help": "default: OUT.checkpoints"})
+    resume: bool = field(
+        default=True, metadata={"help": "continue from the newest complete checkpoint of the same run"}
+    )
+    keep_checkpoints: bool = field(default=False, metadata={"help": "keep OUT.checkpoints when done"})
+    overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    eval_data: list[str] | None = field(
+        default=None, metadata={"help": "held-out text (default: tutorial)", "metavar": "FILE"}
+    )
+    eval_tokens: int = field(
+        default=0, metadata={"help": "score N held-out tokens before and after (0: off)"}
+    )
+    eval_window: int = field(default=1024, metadata={"help": "tokens per held-out window"})
+    convert: dict | None = field(
+        default=None,
+        metadata={
+            "help": "recipes: how to build MODEL when it does not exist yet (convert_checkpoint arguments)"
+        },
+    )
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+            if isinstance(value, str) and (int in kinds or float in kinds):  # YAML reads "1e-3" as a string
+                try:
+                    setattr(self, f.name, float(value) if float in kinds else int(value))
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number, got {value!r}") from None
+            elif isinstance(value, (str, Path)) and any(typing.get_origin(k) is list for k in kinds):
+                setattr(self, f.name, [str(value)])
 
     def run_identity(self) -> dict:
         """The fields a resumed run must share with the run that wrote the checkpoints."""
@@ -81,60 +133,10 @@ class UptrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> UptrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown uptrain setting(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        for f in dataclasses.fields(cls):  # YAML reads "1e-3" as a string
-            if isinstance(values.get(f.name), str) and str(f.type).split(" |")[0] in ("int", "float"):
-                try:
-                    values[f.name] = float(values[f.name]) if "float" in str(f.type) else int(values[f.name])
-                except ValueError:
-                    raise ValueError(f"{f.name} must be a number, got {values[f.name]!r}") from None
-        for key in ("data", "eval_data", "freeze"):
-            if isinstance(values.get(key), (str, Path)):
-                values[key] = [str(values[key])]
-        return cls(**values)
+        """``HfArgumentParser(UptrainConfig).parse_dict(values)``, naming unknown keys."""
+        return parse_settings(values, (cls,), "uptrain")[0]
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> UptrainConfig:
         """A YAML mapping of fields, then ``key=value`` overrides (values parsed as YAML: ``lr=3e-4``)."""
         return cls.from_dict(load_recipe_yaml(path, overrides))
-
-
-def load_recipe_yaml(
-    path: str | Path, overrides: list[str] | None = None, required: tuple[str, ...] = ()
-) -> dict:
-    """A recipe config: the YAML mapping at ``path`` updated by ``key=value`` overrides (values parsed as YAML);
-    every key in ``required`` must be set by one of them."""
-    import yaml
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe config {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a YAML mapping of settings")
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        values[key.strip().replace("-", "_")] = yaml.safe_load(raw)
-    missing = [key for key in required if values.get(key) in (None, "", {})]
-    if missing:
-        raise ValueError(
-            f"{path} does not set {', '.join(missing)}: add `{missing[0]}: ...` to the YAML "
-            f"or pass {missing[0]}=... on the command line"
-        )
-    return values
-
-
-def resolve_source(source: str | Path) -> Path:
-    """Recipe paths: ``example:NAME`` is the packaged example model's folder, anything else a path."""
-    source = str(source)
-    if source.startswith("example:"):
-        from ..io.examples import example_model_path
-
-        return example_model_path(source.split(":", 1)[1])
-    return Path(source).expanduser()

@@ -1,29 +1,25 @@
 """MHA/GQA -> GQA/MQA: pool K/V heads per group (``convert_to_gqa``), one module per initialisation method.
 
-Methods (``GQA_METHODS``, ``convert_to_gqa(..., method=NAME)``): ``mean`` (data-free), and with calibration
-activations ``group`` (similarity grouping + mean), ``align`` (Procrustes alignment + mean), ``fit``
-(query/o_proj-weighted activation fit), ``group-align``, ``group-fit``. They work on any family whose adapter
-can read and write its attention (``hf_attn_swap.adapters``).
+Options: ``GQAConfig`` (``config``). Methods (``GQA_METHODS`` in ``registry``, ``convert_to_gqa(..., method=NAME)``):
+``mean`` (data-free), and with calibration activations ``group`` (similarity grouping + mean), ``align``
+(Procrustes alignment + mean), ``fit`` (query/o_proj-weighted activation fit), ``group-align``, ``group-fit``. They
+work on any family whose adapter can read and write its attention (``hf_attn_swap.adapters``).
 """
 
 from .alignment import AlignedMean, align_heads
 from .base import GQAMethod, LayerContext, expand_to_query_heads, permute_query_heads
-from .convert import (
-    GQA_METHODS,
-    convert_to_gqa,
-    kv_bytes_per_token,
-    layer_context,
-    register_gqa_method,
-    validate_num_key_value_heads,
-)
+from .config import GQAConfig
+from .convert import convert_to_gqa, kv_bytes_per_token, layer_context, validate_num_key_value_heads
 from .fit import ActivationFit, fit_heads, fit_shared_projection
 from .grouping import SimilarityGrouping, balanced_partition, head_distances
 from .mean import MeanPooling
+from .registry import GQA_METHODS, register_gqa_method
 
 __all__ = [
     "GQA_METHODS",
     "ActivationFit",
     "AlignedMean",
+    "GQAConfig",
     "GQAMethod",
     "LayerContext",
     "MeanPooling",

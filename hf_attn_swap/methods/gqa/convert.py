@@ -8,26 +8,9 @@ from torch import nn
 from ...adapters import AttentionLayout, get_adapter
 from ..calibration import Calibration
 from ..report import ConversionReport, kv_bytes_per_token, model_dtype
-from .alignment import AlignedMean
 from .base import GQAMethod, LayerContext
-from .fit import ActivationFit
-from .grouping import SimilarityGrouping
-from .mean import MeanPooling
-
-GQA_METHODS: dict[str, GQAMethod] = {}
-
-
-def register_gqa_method(method: GQAMethod) -> GQAMethod:
-    GQA_METHODS[method.name] = method
-    return method
-
-
-register_gqa_method(MeanPooling())
-register_gqa_method(AlignedMean())
-register_gqa_method(ActivationFit())
-register_gqa_method(SimilarityGrouping("group", MeanPooling(), aligned=False))
-register_gqa_method(SimilarityGrouping("group-align", AlignedMean(), aligned=True))
-register_gqa_method(SimilarityGrouping("group-fit", ActivationFit(), aligned=True))
+from .config import GQAConfig
+from .registry import GQA_METHODS
 
 
 def validate_num_key_value_heads(layout: AttentionLayout, num_key_value_heads) -> int:
@@ -78,11 +61,15 @@ def layer_context(
 
 def convert_to_gqa(
     model: nn.Module,
-    num_key_value_heads: int,
-    method: str | GQAMethod = "mean",
+    num_key_value_heads: int | GQAConfig,
+    method: str | GQAMethod = GQAConfig.method,
     calibration: Calibration | list[torch.Tensor] | None = None,
 ) -> ConversionReport:
     """Rewrite ``model`` in place so every attention layer has ``num_key_value_heads`` K/V heads.
+
+    The options are ``num_key_value_heads`` and ``method`` (a name in ``GQA_METHODS`` or a ``GQAMethod``), or
+    one ``hf_attn_swap.methods.gqa.GQAConfig`` in place of both: ``convert_to_gqa(model, GQAConfig(1, "fit"),
+    calibration=...)``.
 
     Weights, biases, module attributes and ``model.config.num_key_value_heads`` are updated; for families
     with native GQA the result saves and loads with stock transformers. Arithmetic is done in float32 and
@@ -93,13 +80,15 @@ def convert_to_gqa(
     Raises ``ValueError`` (before touching the model) for a head count that is not in
     ``{n <= H_kv : H % n == 0}``, and ``UnsupportedArchitectureError`` for unknown families.
     """
+    if isinstance(num_key_value_heads, GQAConfig):
+        if method != GQAConfig.method:
+            raise ValueError("pass the method inside the GQAConfig or as method=..., not both")
+        num_key_value_heads, method = num_key_value_heads.num_key_value_heads, num_key_value_heads.method
+    if isinstance(method, str):  # validates the name (and a non-int head count) before the model is read
+        method = GQA_METHODS[GQAConfig(num_key_value_heads, method).method]
     adapter = get_adapter(model)
     layout = adapter.layout(model.config, model)
     num_key_value_heads = validate_num_key_value_heads(layout, num_key_value_heads)
-    if isinstance(method, str):
-        if method not in GQA_METHODS:
-            raise ValueError(f"unknown GQA method {method!r}; choose one of {sorted(GQA_METHODS)}")
-        method = GQA_METHODS[method]
     dtype = model_dtype(model)
     before = kv_bytes_per_token(layout, layout.num_key_value_heads, dtype)
     report = ConversionReport(

@@ -27,8 +27,9 @@ from ...modeling.mla import MLAAttention, MLAConfig, MLADecoderLayer, MLAForCaus
 from ..affine import with_bias
 from ..gqa.base import per_query_head
 from ..report import ConversionReport, kv_bytes_per_token, model_dtype
-from .budget import RANK_ALLOCATIONS, allocate_ranks
-from .factorize import FACTORIZATIONS, JointKV, joint_kv
+from .budget import allocate_ranks
+from .config import MLAConversionConfig
+from .factorize import JointKV, joint_kv
 from .rope import pair_dims, rope_key_mixing, select_rope_pairs, validate_rope_dim
 
 #: config fields of the Llama-style decoder that every format carries over unchanged
@@ -77,16 +78,9 @@ def _check_int(name: str, value) -> int:
     return value
 
 
-def validate_mla_options(
-    config,
-    kv_lora_rank,
-    qk_rope_head_dim,
-    rope_selection: str = "uniform",
-    factorization: str = "svd",
-    num_rope_key_heads=1,
-    rank_allocation: str = "uniform",
-) -> AttentionLayout:
-    """Everything checkable from the config; raises ``ValueError`` / ``UnsupportedArchitectureError``."""
+def validate_mla_options(config, options: MLAConversionConfig) -> AttentionLayout:
+    """What needs the source ``config`` (family, rank and rope-dim ranges, rope keys dividing the KV heads);
+    ``options`` checked itself on construction. Raises ``ValueError`` / ``UnsupportedArchitectureError``."""
     adapter = get_adapter(config)
     if adapter.family not in MLA_FAMILIES:
         raise UnsupportedArchitectureError(
@@ -112,28 +106,20 @@ def validate_mla_options(
     if getattr(config, "mlp_bias", False) and config.model_type != "llama":
         raise UnsupportedArchitectureError("MLP biases are only supported for Llama sources")
     max_rank = max_kv_lora_rank(layout)
-    rank = _check_int("kv_lora_rank", kv_lora_rank)
+    rank = _check_int("kv_lora_rank", options.kv_lora_rank)
     if not 1 <= rank <= max_rank:
         raise ValueError(
             f"kv_lora_rank={rank} is out of range: it must be between 1 and {max_rank} = min(hidden_size "
             f"{layout.hidden_size}, 2 x {layout.num_key_value_heads} KV heads x head_dim {layout.head_dim}) for "
             f"this {layout.family} model"
         )
-    validate_rope_dim(layout, qk_rope_head_dim, rope_selection)  # also rejects an unknown rope selection
-    rope_heads = _check_int("num_rope_key_heads", num_rope_key_heads)
+    validate_rope_dim(layout, options.qk_rope_head_dim, options.rope_selection)
+    rope_heads = options.num_rope_key_heads
     kv = layout.num_key_value_heads
     if rope_heads < 1 or kv % rope_heads:
         raise ValueError(
             f"num_rope_key_heads={rope_heads} must divide the {kv} KV heads: choose one of "
             f"{[n for n in range(1, kv + 1) if kv % n == 0]} (1 = DeepSeek's single shared rope key)"
-        )
-    if factorization not in FACTORIZATIONS:
-        raise ValueError(
-            f"unknown factorization {factorization!r}; choose one of {', '.join(FACTORIZATIONS)}"
-        )
-    if rank_allocation not in RANK_ALLOCATIONS:
-        raise ValueError(
-            f"unknown rank allocation {rank_allocation!r}; choose one of {', '.join(RANK_ALLOCATIONS)}"
         )
     return layout
 
@@ -283,16 +269,21 @@ def build_attention(
 
 def convert_to_mla(
     model: nn.Module,
-    kv_lora_rank: int,
-    qk_rope_head_dim: int,
-    rope_selection: str = "high",
-    factorization: str | None = None,
+    kv_lora_rank: int | MLAConversionConfig,
+    qk_rope_head_dim: int | None = None,
+    rope_selection: str = MLAConversionConfig.rope_selection,
+    factorization: str | None = MLAConversionConfig.factorization,
     calibration: list[torch.Tensor] | None = None,
-    num_rope_key_heads: int = 1,
-    rank_allocation: str = "uniform",
-    balance_kv: bool = True,
+    num_rope_key_heads: int = MLAConversionConfig.num_rope_key_heads,
+    rank_allocation: str = MLAConversionConfig.rank_allocation,
+    balance_kv: bool = MLAConversionConfig.balance_kv,
 ) -> ConversionReport:
     """Rewrite ``model`` (Llama / Mistral / Qwen2) in place into MLA; returns a report with KV bytes/token.
+
+    The options (``hf_attn_swap.methods.mla.MLAConversionConfig``, whose defaults these are) come as arguments or
+    as one config in place of ``kv_lora_rank``: ``convert_to_mla(model, MLAConversionConfig(72, 48),
+    calibration=...)`` (its ``format`` is ``convert_checkpoint``'s business: the model built here is the plugin
+    one, with a latent of exactly ``kv_lora_rank``).
 
     kv_lora_rank: latent rank r (the per-layer average under ``rank_allocation="energy"``), 1..min(hidden,
         2 H_kv head_dim). qk_rope_head_dim: rotary dims kept per rope key (even, <= head_dim).
@@ -307,13 +298,29 @@ def convert_to_mla(
 
     Raises ``ValueError`` / ``UnsupportedArchitectureError`` before the model is touched.
     """
+    loose = {
+        "qk_rope_head_dim": qk_rope_head_dim,
+        "rope_selection": rope_selection,
+        "factorization": factorization,
+        "num_rope_key_heads": num_rope_key_heads,
+        "rank_allocation": rank_allocation,
+        "balance_kv": balance_kv,
+    }
+    if isinstance(kv_lora_rank, MLAConversionConfig):
+        given = [k for k, v in loose.items() if v != getattr(MLAConversionConfig, k, None)]
+        if given:
+            raise ValueError(
+                f"pass {', '.join(given)} inside the MLAConversionConfig or as arguments, not both"
+            )
+        options = kv_lora_rank
+    else:
+        options = MLAConversionConfig(kv_lora_rank=kv_lora_rank, **loose)
     adapter = get_adapter(model)
-    if factorization is None:
-        factorization = "pca" if calibration is not None else "svd"
-    layout = validate_mla_options(
-        model.config, kv_lora_rank, qk_rope_head_dim, rope_selection, factorization, num_rope_key_heads,
-        rank_allocation,
-    )  # fmt: skip
+    layout = validate_mla_options(model.config, options)
+    kv_lora_rank, qk_rope_head_dim = options.kv_lora_rank, options.qk_rope_head_dim
+    rope_selection, num_rope_key_heads = options.rope_selection, options.num_rope_key_heads
+    rank_allocation, balance_kv = options.rank_allocation, options.balance_kv
+    factorization = options.resolved_factorization(calibrated=calibration is not None)
     attention = adapter.attention_modules(model)
     if len(attention) != layout.num_layers:
         raise ValueError(

@@ -1,0 +1,97 @@
+"""``MLAConversionConfig``: the options of an MHA/GQA -> MLA conversion, validated on construction.
+
+One set of defaults for ``convert_to_mla``, ``convert_checkpoint(..., to="mla")``, ``hf-attn-swap convert --to mla``
+and the recipes' ``convert: {to: mla, mla: {...}}``; ``convert_checkpoint`` saves it in ``conversion.json``
+(``details["options"]``). The defaults are the best measured training-free choices (README, MLA results): rope
+selection ``high``, ``pca`` factorization whenever calibration activations are available. What needs the model
+(rank and rope-dim ranges, the family) is checked by ``validate_mla_options``. (``MLAConfig`` is the plugin model's
+``PretrainedConfig``, ``hf_attn_swap.modeling.mla``.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from .budget import RANK_ALLOCATIONS
+from .factorize import FACTORIZATIONS
+from .rope import ROPE_SELECTIONS
+
+MLAFormat = Literal["deepseek_v3", "plugin"]
+FORMATS: tuple[str, ...] = get_args(MLAFormat)
+
+
+def _optional_int(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+
+
+@dataclass
+class MLAConversionConfig:
+    """kv_lora_rank: latent values cached per token and layer (besides the rope key). In ``deepseek_v3`` format
+    one of them is the constant channel that neutralises ``kv_a_layernorm`` (``hf_attn_swap.export``), so the
+    learned latent has kv_lora_rank - 1 dims; the cache is (kv_lora_rank + qk_rope_head_dim) values either way.
+    ``format`` is how ``convert_checkpoint`` saves the result: ``convert_to_mla`` itself always builds the plugin
+    model with a latent of exactly kv_lora_rank (export it with ``hf_attn_swap.export.to_deepseek_v3``)."""
+
+    kv_lora_rank: int | None = field(
+        default=None,
+        metadata={"help": "latent values cached per token and layer (R); required for --to mla"},
+    )
+    qk_rope_head_dim: int | None = field(
+        default=None,
+        metadata={"help": "rotary dims kept in the shared rope key (D, even); required for --to mla"},
+    )
+    rope_selection: str = field(
+        default="high",
+        metadata={
+            "help": f"rotary pairs that keep RoPE: {' | '.join(ROPE_SELECTIONS)} (norm: plugin format)"
+        },
+    )
+    factorization: str | None = field(
+        default=None,
+        metadata={
+            "help": "joint K/V latent: pca (activation-aware) | svd (weights only); default: pca when "
+            "calibration is available (convert reads calibration text), svd without"
+        },
+    )
+    num_rope_key_heads: int = field(
+        default=1, metadata={"help": "rope keys per layer (plugin format; 1 = DeepSeek's shared key)"}
+    )
+    rank_allocation: str = field(
+        default="uniform",
+        metadata={"help": f"latent rank per layer: {' | '.join(RANK_ALLOCATIONS)} (energy: plugin format)"},
+    )
+    format: MLAFormat = field(
+        default="deepseek_v3",
+        metadata={"help": "output format: deepseek_v3 (stock transformers) or plugin (import hf_attn_swap)"},
+    )
+    balance_kv: bool = field(
+        default=True, metadata={"help": "scale K against V before factorizing (TransMLA's K/V balancing)"}
+    )
+
+    def __post_init__(self):
+        _optional_int("kv_lora_rank", self.kv_lora_rank)
+        _optional_int("qk_rope_head_dim", self.qk_rope_head_dim)
+        _optional_int("num_rope_key_heads", self.num_rope_key_heads)
+        if self.rope_selection not in ROPE_SELECTIONS:
+            raise ValueError(
+                f"unknown rope selection {self.rope_selection!r}; choose one of {', '.join(ROPE_SELECTIONS)}"
+            )
+        if self.factorization is not None and self.factorization not in FACTORIZATIONS:
+            raise ValueError(
+                f"unknown factorization {self.factorization!r}; choose one of {', '.join(FACTORIZATIONS)} "
+                "(or leave it unset: pca with calibration, svd without)"
+            )
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise ValueError(
+                f"unknown rank allocation {self.rank_allocation!r}; choose one of {', '.join(RANK_ALLOCATIONS)}"
+            )
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if not isinstance(self.balance_kv, bool):
+            raise ValueError(f"balance_kv must be true or false, got {self.balance_kv!r}")
+
+    def resolved_factorization(self, calibrated: bool) -> str:
+        """The factorization used: the one set, else ``pca`` with calibration activations and ``svd`` without."""
+        return self.factorization or ("pca" if calibrated else "svd")

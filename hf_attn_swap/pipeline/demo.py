@@ -1,0 +1,95 @@
+"""The README's main job (``hf-attn-swap demo``): convert the packaged SmolLM2 to MQA with one or more GQA methods
+and evaluate them side by side with the original; writes ``WORKDIR/demo.json``."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..evaluate.suite import EVAL_COLUMNS, evaluate_checkpoints, markdown_table
+from ..io.folders import machine_info, write_json
+from ..methods.calibration import CalibrationConfig
+from ..methods.gqa import GQA_METHODS, GQAConfig
+from .convert import convert_checkpoint
+from .evaluate import EvalDataConfig
+
+
+@dataclass
+class DemoConfig:
+    """Which conversions the demo compares (its calibration text is a ``CalibrationConfig``, its held-out text an
+    ``EvalDataConfig``)."""
+
+    num_key_value_heads: int = field(default=1, metadata={"help": "KV heads after conversion (1 = MQA)"})
+    method: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "one or more GQA methods to convert with and compare (default: mean)",
+            "metavar": "NAME",
+            "action": "extend",  # --method a b --method c -> [a, b, c]
+        },
+    )
+    workdir: str = field(
+        default="runs/demo", metadata={"help": "where the converted models and demo.json go"}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.method, str):
+            self.method = [self.method]
+        self.method = list(dict.fromkeys(self.method or ["mean"]))
+        unknown = [m for m in self.method if m not in GQA_METHODS]
+        if unknown:
+            raise ValueError(f"unknown GQA method(s) {unknown}; choose from {sorted(GQA_METHODS)}")
+        GQAConfig(self.num_key_value_heads)  # type check
+
+
+def run_demo(demo: DemoConfig, calibration: CalibrationConfig, data: EvalDataConfig) -> int:
+    from ..io.checkpoints import load_causal_lm, load_tokenizer
+    from ..io.examples import example_model_path
+
+    methods, kv = demo.method, demo.num_key_value_heads
+    src = example_model_path("smollm2")
+    workdir = Path(demo.workdir).expanduser()
+    activations, calibration_info = None, None
+    if any(GQA_METHODS[m].needs_calibration for m in methods):  # collected once, shared by the methods
+        from ..io.text import default_train_files, load_token_ids
+        from ..methods.calibration import collect_calibration, require_calibration_files
+
+        files = require_calibration_files(calibration.calibration_data or default_train_files(), "demo")
+        ids = load_token_ids(load_tokenizer(src), files, calibration.calibration_tokens)
+        key_weights = any(GQA_METHODS[m].uses_key_weights for m in methods)
+        activations = collect_calibration(
+            load_causal_lm(src), ids, calibration.calibration_window, key_weights=key_weights
+        )
+        calibration_info = {
+            "tokens": int(ids.numel()),
+            "window": calibration.calibration_window,
+            "files": len(files),
+            "first_file": str(files[0]),
+        }
+    models, reports = {"original (3 KV heads)": str(src)}, {}
+    for method in methods:
+        converted = workdir / f"SmolLM2-135M-Instruct-kv{kv}-{method}"
+        reports[method] = convert_checkpoint(
+            src,
+            converted,
+            GQAConfig(kv, method),
+            calibration_inputs=activations if GQA_METHODS[method].needs_calibration else None,
+            overwrite=True,
+        )
+        print(reports[method])
+        models[f"{method}-pooled ({kv} KV heads)"] = str(converted)
+    results = evaluate_checkpoints(models, data.data, str(src), data.max_tokens, data.window)
+    rows = [{"name": name, **r} for name, r in results.items()]
+    print()
+    print(markdown_table(rows, EVAL_COLUMNS))
+    payload = {
+        "results": results,
+        "conversion": reports[methods[0]].to_dict(),
+        "conversions": {m: r.to_dict() for m, r in reports.items()},
+        "calibration": calibration_info,
+        "command": sys.argv,
+        "machine": machine_info(),
+    }
+    print(f"\nwrote {write_json(workdir / 'demo.json', payload)}")
+    return 0
