@@ -1,7 +1,8 @@
 """Decode tokens/s of SmolLM2-135M: original (sdpa) vs MLA stock deepseek_v3 (sdpa: the latent cache is
 re-expanded through kv_b_proj every step) vs MLA with ``latent_sdpa`` (absorbed, LatentCache), at several contexts,
-in one run. Each measurement is a fresh ``python -m hf_attn_swap bench`` process (its own peak RSS); rounds are
-interleaved and the best round per cell is reported (the CPU is shared with other jobs).
+in one run. Each measurement is a fresh ``python -m hf_attn_swap bench`` process (its own peak RSS; decode tokens/s
+as ``hf_attn_swap.evaluate.speed`` defines it); rounds are interleaved and the best round per cell is reported
+(the CPU is shared with other jobs).
 
     python scripts/bench_decode.py --json runs/mla/bench.json
 

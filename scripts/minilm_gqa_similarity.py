@@ -6,8 +6,9 @@ embeddings (cosine per paragraph, self-retrieval top-1; see ``hf_attn_swap.evalu
 
     python scripts/minilm_gqa_similarity.py --method mean --json results/minilm_mean.json
 
-Defaults: the first 256 prose paragraphs of the Python tutorial (held out; ``hf_attn_swap.io.text``), and for
-methods that need calibration the first 8192 tokens of the library reference (disjoint from the tutorial).
+Defaults: the first 256 prose paragraphs of at least 12 words (``hf_attn_swap.io.text.prose_paragraphs``) of the
+Python tutorial (held out), and for methods that need calibration the first 8192 tokens of the library reference
+(disjoint from the tutorial).
 """
 
 from __future__ import annotations
@@ -22,13 +23,21 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from hf_attn_swap import convert_to_gqa, get_adapter
-from hf_attn_swap.evaluate.embeddings import embedding_agreement, mean_pooled_embeddings, prose_paragraphs
+from hf_attn_swap.evaluate.embeddings import embedding_agreement, mean_pooled_embeddings
 from hf_attn_swap.evaluate.suite import markdown_table
 from hf_attn_swap.io.examples import example_model_path
 from hf_attn_swap.io.folders import machine_info, write_json
-from hf_attn_swap.io.text import default_eval_files, default_train_files
+from hf_attn_swap.io.text import (
+    default_eval_files,
+    default_train_files,
+    prose_paragraphs,
+    read_text,
+    resolve_text_files,
+)
 from hf_attn_swap.methods.calibration import collect_calibration_from_files
 from hf_attn_swap.methods.gqa import GQA_METHODS, kv_bytes_per_token
+
+MIN_WORDS = 12  # a paragraph embeds at least one full sentence
 
 
 def main(argv=None) -> int:
@@ -57,7 +66,7 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     original = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     data = args.data or default_eval_files()
-    texts = prose_paragraphs(data, limit=args.paragraphs)
+    texts = prose_paragraphs(read_text(resolve_text_files(data)), min_words=MIN_WORDS, limit=args.paragraphs)
     reference = mean_pooled_embeddings(original, tokenizer, texts)
 
     calibration = None

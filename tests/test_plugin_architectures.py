@@ -313,14 +313,14 @@ def test_real_minilm_gqa_matches_repeated_kv_reference_with_right_padding(tmp_pa
     of the folder ``hf-attn-swap convert`` writes."""
     from transformers import AutoTokenizer
 
-    from hf_attn_swap.evaluate.embeddings import mean_pooled_embeddings, prose_paragraphs
+    from hf_attn_swap.evaluate.embeddings import mean_pooled_embeddings
     from hf_attn_swap.io.examples import example_model_path
-    from hf_attn_swap.io.text import default_eval_files
+    from hf_attn_swap.io.text import default_eval_files, prose_paragraphs, read_text, resolve_text_files
     from hf_attn_swap.pipeline.convert import convert_checkpoint
 
     try:
         path = example_model_path("minilm")
-        texts = prose_paragraphs(default_eval_files(), limit=4)
+        texts = prose_paragraphs(read_text(resolve_text_files(default_eval_files())), min_words=12, limit=4)
     except (ModuleNotFoundError, FileNotFoundError) as missing:
         pytest.skip(f"packaged MiniLM or tutorial text unavailable: {missing}")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,3 +1,3 @@
-"""Measuring models: ``metrics`` (perplexity, KL, top-1 agreement, measured KV bytes), ``speed`` and ``bench``
-(decode tokens/s), ``tasks`` (lm-eval), ``suite`` (several checkpoints, one report, its markdown), ``plots``,
+"""Measuring models: ``metrics`` (perplexity, KL, top-1 agreement, measured KV bytes), ``speed`` (decode
+tokens/s), ``tasks`` (lm-eval), ``suite`` (several checkpoints, one report, its markdown), ``plots``,
 ``embeddings`` (sentence-embedding agreement). Imports modeling and io only."""

@@ -10,26 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..io.text import resolve_text_files
-
-
-def prose_paragraphs(paths, limit: int | None = None, min_words: int = 12) -> list[str]:
-    """Prose paragraphs of reST/text files, in file order: blank-line separated blocks whose first line starts
-    with a letter at column 0 (no directives, code, headings or list items), with at least ``min_words``
-    words, lines joined by spaces. The first ``limit`` are returned."""
-    paragraphs = []
-    for path in resolve_text_files(paths):
-        for block in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
-            block = block.strip("\n")
-            if not block or not block[0].isalpha():
-                continue
-            text = " ".join(line.strip() for line in block.splitlines())
-            if len(text.split()) >= min_words:
-                paragraphs.append(text)
-                if limit is not None and len(paragraphs) >= limit:
-                    return paragraphs
-    return paragraphs
-
 
 @torch.inference_mode()
 def mean_pooled_embeddings(

@@ -6,12 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+#: the evaluation protocol's defaults (API, CLI and recipes): the first 16 384 tokens in 1024-token windows
+EVAL_DEFAULTS = {"max_tokens": 16384, "window": 1024}
+
+
 def evaluate_suite(
     models: dict[str, str],
     data=None,
     reference: str | None = None,
-    max_tokens: int = 4096,
-    window: int = 1024,
+    max_tokens: int = EVAL_DEFAULTS["max_tokens"],
+    window: int = EVAL_DEFAULTS["window"],
     batch_size: int = 1,
     dtype: str = "float32",
     attn_implementation: str | None = None,
@@ -24,10 +28,10 @@ def evaluate_suite(
 ) -> dict[str, dict]:
     """name -> metrics. Always: the ``eval`` keys (perplexity, tokens, kl_to_reference,
     kv_cache_bytes_per_token, ...). With ``tasks``: ``lm_eval`` = {task: {metric: value}}. With
-    ``decode_contexts``: ``decode`` = [{context, decode_tokens_per_second, ...}]."""
-    from ..io.checkpoints import load_causal_lm, load_tokenizer
+    ``decode_contexts``: ``decode`` = [{context, decode_tokens_per_second, ...}]. Each model is loaded once."""
+    from ..io.checkpoints import load_tokenizer
 
-    results = evaluate_checkpoints(
+    results, loaded = _evaluate_checkpoints(
         models, data, reference, max_tokens, window, batch_size, dtype, attn_implementation
     )
     if not tasks and not decode_contexts:
@@ -36,7 +40,7 @@ def evaluate_suite(
     from .tasks import run_lm_eval
 
     for name, path in models.items():
-        model = load_causal_lm(path, dtype, attn_implementation)
+        model = loaded.pop(name)
         if tasks:
             tokenizer = load_tokenizer(path)
             results[name]["lm_eval"] = run_lm_eval(
@@ -98,9 +102,6 @@ def suite_plots(results: dict[str, dict], folder) -> list[Path]:
     return paths
 
 
-EVAL_DEFAULTS = {"max_tokens": 16384, "window": 1024}
-
-
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """``columns``: (key, header). Floats get 4 significant decimals, None prints as an em dash."""
 
@@ -129,6 +130,22 @@ def evaluate_checkpoints(
     attn_implementation: str | None = None,
 ) -> dict[str, dict]:
     """Load each checkpoint (name -> path) once, evaluate all on the same windows; adds measured KV bytes."""
+    return _evaluate_checkpoints(
+        models, data, reference, max_tokens, window, batch_size, dtype, attn_implementation
+    )[0]
+
+
+def _evaluate_checkpoints(
+    models: dict[str, str],
+    data,
+    reference: str | None,
+    max_tokens: int,
+    window: int,
+    batch_size: int = 1,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+) -> tuple[dict[str, dict], dict]:
+    """``evaluate_checkpoints``' results and the loaded models (name -> model), for more measurements."""
     from ..io.checkpoints import load_causal_lm, load_tokenizer
     from ..io.text import default_eval_files, load_token_ids, resolve_text_files
     from .metrics import evaluate_models, measure_kv_cache_bytes_per_token
@@ -160,7 +177,7 @@ def evaluate_checkpoints(
             data=[str(f) for f in files[:50]] + ([f"... {len(files) - 50} more"] if len(files) > 50 else []),
             max_tokens=max_tokens,
         )
-    return results
+    return results, loaded
 
 
 EVAL_COLUMNS = [

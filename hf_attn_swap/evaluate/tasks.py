@@ -21,11 +21,10 @@ import re
 from pathlib import Path
 
 from ..io.folders import cache_dir
-from ..io.text import default_eval_files, resolve_text_files
+from ..io.text import default_eval_files, prose_paragraphs, resolve_text_files
 
 LOCAL_TASKS = ("hfas_text_mc", "hfas_text_lastword")
 FORMAT_VERSION = 1
-_MARKUP = re.compile(r"^(\s|\.\.|::|>>>|\.\.\.|[=\-~^*#+`|]{3,}|[*\-+] |\d+\. |:)")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 MC_YAML = """task: hfas_text_mc
@@ -71,24 +70,10 @@ metadata:
 """
 
 
-def prose_paragraphs(text: str) -> list[str]:
-    """Blank-line separated blocks of plain prose (reST directives, code, lists and titles dropped),
-    each joined into one line."""
-    out = []
-    for block in re.split(r"\n\s*\n", text):
-        lines = block.strip("\n").split("\n")
-        if not lines or any(_MARKUP.match(line) for line in lines) or "::" in block:
-            continue
-        paragraph = " ".join(line.strip() for line in lines)
-        if 120 <= len(paragraph) <= 800:
-            out.append(paragraph)
-    return out
-
-
 def task_documents(text: str, max_docs: int = 500, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(multiple-choice docs, last-word docs) built from ``text`` (see the module docstring)."""
     rng = random.Random(seed)
-    split = [_SENTENCE_END.split(p) for p in prose_paragraphs(text)]
+    split = [_SENTENCE_END.split(p) for p in prose_paragraphs(text, min_chars=120, max_chars=800)]
     endings = [(" ".join(s[:-1]), s[-1]) for s in split if len(s) >= 2 and 20 <= len(s[-1]) <= 300]
     mc = []
     for i, (context, answer) in enumerate(endings[:max_docs]):

@@ -13,18 +13,23 @@ import torch
 
 from .folders import check_source, parse_dtype
 
+#: files transformers can build a tokenizer from (serialised fast tokenizer, its config, a sentencepiece model,
+#: BPE / WordPiece vocabularies). Kept only to tell "no tokenizer" from "a tokenizer that does not load" when
+#: loading fails (transformers raises the same errors for both); which files a tokenizer consists of is
+#: AutoTokenizer's business (``copy_tokenizer_files``).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
     "tokenizer.model",
     "vocab.json",
     "vocab.txt",
     "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
 )
+
+
+def has_tokenizer_files(folder: str | Path) -> bool:
+    folder = Path(str(folder)).expanduser()
+    return folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_causal_lm(
@@ -50,12 +55,10 @@ def load_tokenizer(path: str | Path, needed_for: str = "", alternative: str = ""
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError, ImportError) as err:
-        folder = Path(str(path)).expanduser()
-        has_files = folder.is_dir() and any((folder / name).is_file() for name in TOKENIZER_FILES)
         what = (
             "its tokenizer files do not load (" + str(err).strip().splitlines()[0] + ")"
-            if has_files
-            else ("it has no tokenizer files")
+            if has_tokenizer_files(path)
+            else "it has no tokenizer files"
         )
         purpose = f" ({needed_for})" if needed_for else ""
         fix = f"; or {alternative}" if alternative else ""
@@ -66,12 +69,13 @@ def load_tokenizer(path: str | Path, needed_for: str = "", alternative: str = ""
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
+    """Save ``src``'s tokenizer into ``dst`` (``AutoTokenizer.from_pretrained(src).save_pretrained(dst)``: every
+    file the tokenizer needs, chat template included) and return the names written. A ``src`` without tokenizer
+    files gets nothing written and no error; one whose tokenizer does not load raises ``load_tokenizer``'s
+    ``ValueError``."""
+    if not has_tokenizer_files(src):
+        return []
+    return sorted(Path(p).name for p in load_tokenizer(src).save_pretrained(str(dst)))
 
 
 SENTENCE_TRANSFORMERS_FILES = (

@@ -7,6 +7,7 @@ overlap. Any text files or folders can be passed instead.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -78,6 +79,42 @@ def read_text(files: Sequence[Path], max_chars: int | None = None) -> str:
         if max_chars is not None and total >= max_chars:
             break
     return FILE_SEPARATOR.join(parts)
+
+
+#: a line that is reST/doctest markup rather than prose: indented (code, quotes, directive bodies), a directive or
+#: comment (``..``), ``::``, a prompt (``>>>``, ``...``), a title over/underline, a list item or a field (``:``)
+_MARKUP = re.compile(r"^(\s|\.\.|::|>>>|\.\.\.|[=\-~^*#+`|]{3,}|[*\-+] |\d+\. |:)")
+
+
+def prose_paragraphs(
+    text: str,
+    min_words: int = 0,
+    min_chars: int = 0,
+    max_chars: int | None = None,
+    limit: int | None = None,
+) -> list[str]:
+    """The plain-prose paragraphs of reST/text ``text``, in order, each joined into one line.
+
+    A paragraph is a blank-line separated block none of whose lines is markup (directives, code, doctest
+    prompts, titles, list items, fields; see ``_MARKUP``) and which holds no ``::`` (it introduces a code block).
+    Kept when it has at least ``min_words`` words and ``min_chars`` to ``max_chars`` characters; the first
+    ``limit`` are returned. ``read_text(resolve_text_files(paths))`` gives the text of files or folders.
+    """
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = block.strip("\n").split("\n")
+        if not block.strip() or any(_MARKUP.match(line) for line in lines) or "::" in block:
+            continue
+        paragraph = " ".join(line.strip() for line in lines)
+        if (
+            len(paragraph.split()) >= min_words
+            and len(paragraph) >= min_chars
+            and (max_chars is None or len(paragraph) <= max_chars)
+        ):
+            paragraphs.append(paragraph)
+            if limit is not None and len(paragraphs) >= limit:
+                break
+    return paragraphs
 
 
 def load_token_ids(tokenizer, paths, max_tokens: int | None = None):

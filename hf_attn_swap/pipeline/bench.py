@@ -49,14 +49,16 @@ def bench_prompt(model_path, context: int, vocab_size: int):
 def run_bench(args: BenchArguments) -> int:
     import torch
 
-    from ..evaluate.bench import decode_benchmark
+    from ..evaluate.speed import measure_decode_speed
     from ..io.checkpoints import load_causal_lm
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_causal_lm(args.model, args.dtype, args.attn_implementation)
     prompt = bench_prompt(args.model, args.context, model.config.vocab_size)
-    result = decode_benchmark(model, prompt, args.new_tokens, cache=args.cache)
+    result = measure_decode_speed(
+        model, args.context, args.new_tokens, prompt, args.cache, check_positions=False
+    )
     result = {"model": str(args.model), **result, "command": sys.argv, "machine": machine_info()}
     print(
         f"{Path(args.model).name} [{result['attn_implementation']}, {result['cache_class']}] context {args.context}: "

@@ -1,9 +1,11 @@
 """Publish a converted (and possibly uptrained) checkpoint folder to the Hugging Face Hub.
 
-One commit holds the folder's safetensors weights, config, tokenizer, conversion.json, training log and loss
-curve, plus a generated model card (``README.md``) unless the folder has its own. Pickle-based weight files
-(``.bin``, ``.pt``, ...) are never uploaded. The token comes from huggingface_hub's usual sources (``HF_TOKEN``,
-``hf auth login``) and is never printed; ``HF_ENDPOINT`` selects another Hub.
+One commit (``HfApi.upload_folder``) holds the folder's safetensors weights, config, tokenizer, conversion.json,
+training log and loss curve, plus a model card (``README.md``, built with ``ModelCard``/``ModelCardData``, the
+eval results in its ``model-index``) unless the folder has its own. Pickle-based weight files (``.bin``, ``.pt``,
+...), their shard indexes and hidden files are never uploaded (``IGNORE_PATTERNS``). The token comes from
+huggingface_hub's usual sources (``HF_TOKEN``, ``hf auth login``) and is never printed; ``HF_ENDPOINT`` selects
+another Hub.
 """
 
 from __future__ import annotations
@@ -16,23 +18,29 @@ from ..io.folders import check_source
 from ..methods.report import load_report
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-PICKLE_INDEX_SUFFIXES = tuple(
-    f"{suffix}.index.json" for suffix in PICKLE_SUFFIXES
-)  # shard maps of skipped files
+#: pickle-based weights and their shard maps (``pytorch_model.bin.index.json``): never uploaded, listed as skipped
+PICKLE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES] + [
+    f"*{suffix}.index.json" for suffix in PICKLE_SUFFIXES
+]
+#: hidden files and folders at any depth (``.git``, ``.cache``, editor files): never uploaded, not listed
+HIDDEN_PATTERNS = [".*", "*/.*"]
+#: what ``HfApi.upload_folder`` leaves out (``fnmatch`` on the path relative to the folder, ``*`` spans ``/``)
+IGNORE_PATTERNS = PICKLE_PATTERNS + HIDDEN_PATTERNS
 #: attention implementation the card recommends per conversion target (``conversion.json`` may name its own)
 RECOMMENDED_ATTENTION = {"mla": "latent_sdpa"}
 EVAL_FILE = "eval.json"
+CARD_FILE = "README.md"
 
 
 def files_to_upload(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(files to upload, pickle files and their shard indexes skipped): every non-hidden file under ``folder``, sorted."""
-    keep, skipped = [], []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
-            continue
-        pickled = path.suffix in PICKLE_SUFFIXES or path.name.endswith(PICKLE_INDEX_SUFFIXES)
-        (skipped if pickled else keep).append(path)
+    """(files to upload, pickle files and their shard indexes skipped), sorted: what ``upload_folder`` with
+    ``IGNORE_PATTERNS`` uploads from ``folder``, filtered the same way (``filter_repo_objects``)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    visible = list(filter_repo_objects(files, ignore_patterns=HIDDEN_PATTERNS))
+    keep = [files[name] for name in filter_repo_objects(visible, ignore_patterns=PICKLE_PATTERNS)]
+    skipped = [files[name] for name in filter_repo_objects(visible, allow_patterns=PICKLE_PATTERNS)]
     if not any(p.suffix == ".safetensors" for p in keep):
         found = ", ".join(p.name for p in skipped) or "none"
         raise ValueError(
@@ -40,6 +48,91 @@ def files_to_upload(folder: Path) -> tuple[list[Path], list[Path]]:
             "model.save_pretrained(folder) (safetensors is the default) before pushing"
         )
     return keep, skipped
+
+
+#: the model card (Jinja, rendered by ``ModelCard.from_template``, which fills ``card_data`` with the metadata)
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ name }}
+
+{% if report -%}
+`{{ source }}` with its attention converted by hf_attn_swap to **{{ report.target }}** (method \
+`{{ report.method }}`): KV cache {{ report.kv_bytes_per_token_before }} → {{ report.kv_bytes_per_token_after }} \
+bytes per token ({{ "%+.2f" | format(-100 * (report.kv_reduction or 0)) }}%).
+
+## Conversion
+
+| | before | after |
+|---|---|---|
+{% for key, before, after in conversion -%}
+| {{ key }} | {{ before }} | {{ after }} |
+{% endfor -%}
+| KV cache bytes / token ({{ report.dtype }}) | {{ report.kv_bytes_per_token_before }} | \
+{{ report.kv_bytes_per_token_after }} |
+
+Family `{{ report.family }}`, {{ report.num_layers }} layers, {{ report.num_attention_heads }} query heads of \
+dimension {{ report.head_dim }}.
+
+{% if details -%}
+{% for key, value in details %}`{{ key }}` = {{ value }}{{ ", " if not loop.last }}{% endfor %}
+
+{% endif -%}
+{% else -%}
+A `{{ model_type }}` checkpoint published with hf_attn_swap.
+
+{% endif -%}
+{% if training -%}
+## Uptraining
+
+| mode | tokens | steps | learning rate | loss first → last | wall s |
+|---|---|---|---|---|---|
+{% for t in training -%}
+| {{ t.mode }} | {{ t.tokens_trained }} | {{ t.steps }} | {{ t.learning_rate }} | \
+{{ t.first_loss }} → {{ t.final_loss }} | {{ t.wall_seconds }} |
+{% endfor %}
+{% if loss_curve -%}
+![loss curve](loss_curve.png)
+
+{% endif -%}
+{% endif -%}
+{% if eval_table -%}
+## Evaluation
+
+Held-out text: {{ eval_data }}; {{ eval_tokens }} scored tokens in windows of {{ eval_window }} \
+(`hf-attn-swap eval`).
+
+{{ eval_table }}
+
+{% endif -%}
+## How to load
+
+{% if stock -%}
+Stock transformers, no plugin needed:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{{ repo_id }}")
+model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}")
+```
+
+{% endif -%}
+{% if attn or not stock -%}
+With the plugin (`pip install hf_attn_swap`), \
+{{ "which adds the `" ~ attn ~ "` attention:" if attn else "which registers this model's classes:" }}
+
+```python
+import hf_attn_swap  # registers the attention implementations and Auto classes
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{{ repo_id }}"\
+{{ ', attn_implementation="' ~ attn ~ '")' if attn else ")" }}
+```
+
+{% endif -%}
+"""
 
 
 def _stock_model_type(model_type: str | None) -> bool:
@@ -62,9 +155,48 @@ def _load_eval(folder: Path, eval_json: str | Path | None) -> dict | None:
     raise ValueError(f"{path} is not an `hf-attn-swap eval --json` file (no 'models' or 'perplexity')")
 
 
+def _eval_results(evals: dict | None, folder: Path) -> list:
+    """``EvalResult``s (perplexity, KL to the reference) of the eval entry for ``folder``: the one whose ``model``
+    is this folder, else the only one; none when the eval JSON compares several other models."""
+    from huggingface_hub import EvalResult
+
+    if not evals:
+        return []
+    own = [
+        r for r in evals.values() if r.get("model") and Path(str(r["model"])).resolve() == folder.resolve()
+    ]
+    own = own or (list(evals.values()) if len(evals) == 1 else [])
+    if not own:
+        return []
+    result = own[0]
+    data = result.get("data") or []
+    dataset = ", ".join(Path(str(d)).name for d in data[:3]) + (" ..." if len(data) > 3 else "")
+    metrics = [
+        ("perplexity", "perplexity", "perplexity"),
+        ("kl_to_reference", "kl_divergence", "KL to reference (nats)"),
+    ]
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type="text",  # local text files (the `datasets` loader), not a Hub dataset
+            dataset_name=dataset or "held-out text",
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=result[key],
+        )
+        for key, metric_type, metric_name in metrics
+        if result.get(key) is not None
+    ]
+
+
+def _num(value) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
 def model_card(folder: str | Path, repo_id: str, eval_json=None, base_model: str | None = None) -> str:
-    """The README.md for ``folder``: metadata, conversion, uptraining, evaluation, how to load."""
-    from huggingface_hub import ModelCardData
+    """The README.md for ``folder``: metadata (with the eval results of this model), conversion, uptraining,
+    evaluation, how to load."""
+    from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -72,113 +204,57 @@ def model_card(folder: str | Path, repo_id: str, eval_json=None, base_model: str
     evals = _load_eval(folder, eval_json)
     details = report.get("details") or {}
     target = report.get("target")
-    tags = ["hf_attn_swap", "kv-cache-compression"] + ([target] if target else [])
+    name = repo_id.split("/")[-1]
+    results = _eval_results(evals, folder)
     data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=tags,
+        tags=["hf_attn_swap", "kv-cache-compression"] + ([target] if target else []),
+        model_name=name if results else None,
+        eval_results=results or None,
     )
-    name = repo_id.split("/")[-1]
-    lines = [f"---\n{data.to_yaml()}\n---", "", f"# {name}", ""]
-    source = base_model or (Path(details["source"]).name if details.get("source") else "the original model")
-    if report:
-        before, after = report.get("kv_bytes_per_token_before"), report.get("kv_bytes_per_token_after")
-        lines += [
-            f"`{source}` with its attention converted by hf_attn_swap to "
-            f"**{target}** (method `{report.get('method')}`): KV cache {before} → {after} bytes per token "
-            f"({-100 * report.get('kv_reduction', 0):+.2f}%).",
-            "",
-            "## Conversion",
-            "",
-            "| | before | after |",
-            "|---|---|---|",
-        ]
-        for key in sorted(set(report.get("before", {})) | set(report.get("after", {}))):
-            lines.append(f"| {key} | {report['before'].get(key, '—')} | {report['after'].get(key, '—')} |")
-        lines += [
-            f"| KV cache bytes / token ({report.get('dtype')}) | {before} | {after} |",
-            "",
-            f"Family `{report.get('family')}`, {report.get('num_layers')} layers, "
-            f"{report.get('num_attention_heads')} query heads of dimension {report.get('head_dim')}.",
-            "",
-        ]
-        extra = {k: v for k, v in details.items() if k != "source" and not isinstance(v, (dict, list))}
-        if extra:
-            lines += [", ".join(f"`{k}` = {v}" for k, v in sorted(extra.items())), ""]
-    else:
-        lines += [f"A `{config.get('model_type')}` checkpoint published with hf_attn_swap.", ""]
-    training = report.get("training") or []
-    if training:
-        lines += [
-            "## Uptraining",
-            "",
-            "| mode | tokens | steps | learning rate | loss first → last | wall s |",
-            "|---|---|---|---|---|---|",
-        ]
-        for t in training:
-            lines.append(
-                f"| {t.get('mode')} | {t.get('tokens_trained')} | {t.get('steps')} | {t.get('learning_rate')} | "
-                f"{_num(t.get('first_loss'))} → {_num(t.get('final_loss'))} | {t.get('wall_seconds')} |"
-            )
-        lines.append("")
-        if (folder / "loss_curve.png").is_file():
-            lines += ["![loss curve](loss_curve.png)", ""]
-    if evals:
-        from ..evaluate.suite import suite_markdown
-
-        first = next(iter(evals.values()))
-        data = first.get("data") or []
-        lines += [
-            "## Evaluation",
-            "",
-            f"Held-out text: {', '.join(Path(str(d)).name for d in data[:3])}{' ...' if len(data) > 3 else ''}; "
-            f"{first.get('tokens')} scored tokens in windows of {first.get('window')} (`hf-attn-swap eval`).",
-            "",
-            suite_markdown(evals),
-            "",
-        ]
+    first = next(iter(evals.values())) if evals else {}
+    eval_data = first.get("data") or []
     attn = details.get("attn_implementation") or RECOMMENDED_ATTENTION.get(target)
-    lines += _how_to_load(repo_id, config, attn)
-    return "\n".join(lines) + "\n"
+    before, after = report.get("before", {}), report.get("after", {})
+    card = ModelCard.from_template(
+        data,
+        template_str=CARD_TEMPLATE,
+        name=name,
+        repo_id=repo_id,
+        model_type=config.get("model_type"),
+        report=report,
+        source=base_model
+        or (Path(details["source"]).name if details.get("source") else "the original model"),
+        conversion=[
+            (key, before.get(key, "—"), after.get(key, "—")) for key in sorted(set(before) | set(after))
+        ],
+        details=sorted(
+            (k, v) for k, v in details.items() if k != "source" and not isinstance(v, (dict, list))
+        ),
+        training=[
+            {**t, "first_loss": _num(t.get("first_loss")), "final_loss": _num(t.get("final_loss"))}
+            for t in report.get("training") or []
+        ],
+        loss_curve=(folder / "loss_curve.png").is_file(),
+        eval_table=_eval_table(evals),
+        eval_data=", ".join(Path(str(d)).name for d in eval_data[:3])
+        + (" ..." if len(eval_data) > 3 else ""),
+        eval_tokens=first.get("tokens"),
+        eval_window=first.get("window"),
+        stock=_stock_model_type(config.get("model_type")) and "auto_map" not in config,
+        attn=attn,
+    )
+    return str(card)
 
 
-def _num(value) -> str:
-    return "—" if value is None else f"{value:.4g}"
+def _eval_table(evals: dict | None) -> str | None:
+    if not evals:
+        return None
+    from ..evaluate.suite import suite_markdown
 
-
-def _how_to_load(repo_id: str, config: dict, attn: str | None) -> list[str]:
-    stock = _stock_model_type(config.get("model_type")) and "auto_map" not in config
-    lines = ["## How to load", ""]
-    if stock:
-        lines += [
-            "Stock transformers, no plugin needed:",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
-            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-            "```",
-            "",
-        ]
-    if attn or not stock:
-        lines += [
-            "With the plugin (`pip install hf_attn_swap`)"
-            + (
-                f", which adds the `{attn}` attention:" if attn else ", which registers this model's classes:"
-            ),
-            "",
-            "```python",
-            "import hf_attn_swap  # registers the attention implementations and Auto classes",
-            "from transformers import AutoModelForCausalLM",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"'
-            + (f', attn_implementation="{attn}")' if attn else ")"),
-            "```",
-            "",
-        ]
-    return lines
+    return suite_markdown(evals)
 
 
 def push_to_hub(
@@ -197,15 +273,18 @@ def push_to_hub(
 
     Returns {repo_url, commit_url, revision, files, skipped}. ``dry_run`` builds the card and file list only.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    import shutil
+    import tempfile
 
-    folder = check_source(folder)
+    from huggingface_hub import HfApi, get_token
+
+    folder = check_source(folder).resolve()
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"--repo-id must look like ORG/NAME, got {repo_id!r}")
     files, skipped = files_to_upload(folder)
-    has_card = (folder / "README.md").is_file()
+    has_card = (folder / CARD_FILE).is_file()
     card = None if has_card else model_card(folder, repo_id, eval_json, base_model)
-    names = [str(p.relative_to(folder)) for p in files] + ([] if has_card else ["README.md"])
+    names = [p.relative_to(folder).as_posix() for p in files] + ([] if has_card else [CARD_FILE])
     result = {
         "repo_id": repo_id,
         "revision": revision or "main",
@@ -223,20 +302,23 @@ def push_to_hub(
     repo_url = _create_repo(api, repo_id, private)
     if revision and revision != "main" and not revision.startswith("refs/pr/"):  # a PR ref exists already
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = [
-        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-        for p in files
-    ]
-    if card is not None:
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     report = load_report(folder) or {}
-    commit = api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message
-        or f"Upload {report.get('target', 'model')} checkpoint with hf_attn_swap",
-        revision=revision,
-    )
+    # upload_folder uploads one folder in one commit; the generated card must be in that commit but the source
+    # folder is only ever read, so the upload goes through a mirror of it: real folders, a symlink per file
+    # (upload_folder reads through them), plus the card.
+    with tempfile.TemporaryDirectory(prefix="hf_attn_swap_push_") as tmp:
+        staged = Path(tmp) / folder.name
+        shutil.copytree(folder, staged, copy_function=os.symlink)
+        if card is not None:
+            (staged / CARD_FILE).write_text(card, encoding="utf-8")
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=staged,
+            commit_message=commit_message
+            or f"Upload {report.get('target', 'model')} checkpoint with hf_attn_swap",
+            revision=revision,
+            ignore_patterns=list(IGNORE_PATTERNS),  # upload_folder appends its defaults to the list it gets
+        )
     return {**result, "repo_url": str(repo_url), "commit_url": commit.commit_url, "card": card}
 
 
