@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 #: the evaluation protocol's defaults (API, CLI and recipes): the first 16 384 tokens in 1024-token windows
 EVAL_DEFAULTS = {"max_tokens": 16384, "window": 1024}
 
@@ -31,8 +30,17 @@ def evaluate_suite(
     ``decode_contexts``: ``decode`` = [{context, decode_tokens_per_second, ...}]. Each model is loaded once."""
     from ..io.checkpoints import load_tokenizer
 
-    results, loaded = _evaluate_checkpoints(
-        models, data, reference, max_tokens, window, batch_size, dtype, attn_implementation
+    loaded: dict = {}
+    results = evaluate_checkpoints(
+        models,
+        data,
+        reference,
+        max_tokens,
+        window,
+        batch_size,
+        dtype,
+        attn_implementation,
+        loaded_models=loaded,
     )
     if not tasks and not decode_contexts:
         return results
@@ -128,24 +136,10 @@ def evaluate_checkpoints(
     batch_size: int = 1,
     dtype: str = "float32",
     attn_implementation: str | None = None,
+    loaded_models: dict | None = None,
 ) -> dict[str, dict]:
-    """Load each checkpoint (name -> path) once, evaluate all on the same windows; adds measured KV bytes."""
-    return _evaluate_checkpoints(
-        models, data, reference, max_tokens, window, batch_size, dtype, attn_implementation
-    )[0]
-
-
-def _evaluate_checkpoints(
-    models: dict[str, str],
-    data,
-    reference: str | None,
-    max_tokens: int,
-    window: int,
-    batch_size: int = 1,
-    dtype: str = "float32",
-    attn_implementation: str | None = None,
-) -> tuple[dict[str, dict], dict]:
-    """``evaluate_checkpoints``' results and the loaded models (name -> model), for more measurements."""
+    """Load each checkpoint (name -> path) once, evaluate all on the same windows; adds measured KV bytes.
+    ``loaded_models``, if given, receives the loaded models (name -> model) for further measurements."""
     from ..io.checkpoints import load_causal_lm, load_tokenizer
     from ..io.text import default_eval_files, load_token_ids, resolve_text_files
     from .metrics import evaluate_models, measure_kv_cache_bytes_per_token
@@ -177,7 +171,9 @@ def _evaluate_checkpoints(
             data=[str(f) for f in files[:50]] + ([f"... {len(files) - 50} more"] if len(files) > 50 else []),
             max_tokens=max_tokens,
         )
-    return results, loaded
+    if loaded_models is not None:
+        loaded_models.update(loaded)
+    return results
 
 
 EVAL_COLUMNS = [
