@@ -80,7 +80,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "demo": Command(
         "main job: convert the packaged SmolLM2 to MQA and evaluate both",
-        (DemoConfig, EvalDataConfig, CalibrationConfig),
+        (DemoConfig, CalibrationConfig, EvalDataConfig),
         run_demo,
         aliases={"num_key_value_heads": ["--num-kv-heads"]},
     ),

@@ -277,3 +277,27 @@ def test_calibration_without_a_tokenizer_names_the_fix(tmp_path, text_file, caps
     assert "sentencepiece" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", text_file.name])
     assert tree_digest(src) == digest
+
+
+def test_demo_job_runs_end_to_end(saved_tiny, tmp_path, text_file, capsys, monkeypatch):
+    """The README's main job, on a tiny stand-in for the packaged SmolLM2: converts with two methods (one
+    calibrated), evaluates them beside the original and writes demo.json with the measured numbers."""
+    import hf_attn_swap.io.examples
+
+    src = saved_tiny("llama", num_attention_heads=4, num_key_value_heads=4)
+    monkeypatch.setattr(hf_attn_swap.io.examples, "example_model_path", lambda name, refresh=False: src)
+    workdir = tmp_path / "demo"
+    argv = ["demo", "--method", "mean", "fit", "--workdir", str(workdir), "--data", str(text_file)]
+    argv += ["--max-tokens", "96", "--window", "32", "--calibration-data", str(text_file)]
+    assert main(argv) == 0, capsys.readouterr().err
+    payload = json.loads((workdir / "demo.json").read_text())
+    results = payload["results"]
+    assert set(results) == {"original (3 KV heads)", "mean-pooled (1 KV heads)", "fit-pooled (1 KV heads)"}
+    original = results["original (3 KV heads)"]
+    assert original["kl_to_reference"] == 0 and original["kv_cache_bytes_per_token"] == 2 * 2 * 4 * 16 * 4
+    for name in ("mean-pooled (1 KV heads)", "fit-pooled (1 KV heads)"):
+        assert (
+            results[name]["kv_cache_bytes_per_token"] == 2 * 2 * 1 * 16 * 4
+        )  # layers x K,V x H_kv x d x fp32
+        assert results[name]["kl_to_reference"] > 0 and results[name]["tokens"] == original["tokens"]
+    assert payload["calibration"]["files"] == 1 and "| model |" in capsys.readouterr().out
