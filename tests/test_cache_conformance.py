@@ -142,6 +142,33 @@ def test_cached_beam_search_equals_full_recompute(name):
     assert cached.shape == (2, 5 + 6) and torch.equal(cached, recomputed)
 
 
+STATIC = [name for name in MODELS if name.rpartition("-")[0] in NATIVE or name in GROUPED]
+
+
+@pytest.mark.parametrize("name", STATIC)
+def test_static_cache_generation_equals_full_recompute(name):
+    """``cache_implementation="static"`` (a StaticCache grows a length tensor in place: no false alarm)."""
+    model, _, _ = build(name)
+    cached, recomputed = (
+        generate(model, None, ids(), use_cache, max_new_tokens=6, do_sample=False, **static).sequences
+        for use_cache, static in ((True, {"cache_implementation": "static"}), (False, {}))
+    )
+    assert torch.equal(cached, recomputed)
+
+
+def test_training_with_gradient_checkpointing_raises_no_false_alarm():
+    """transformers drops the cache on purpose under gradient checkpointing: the cache check must stay quiet."""
+    for name in ("mla-plugin-sdpa", "gpt2", "llama-sdpa"):
+        model = copy.deepcopy(_build(name)[0])
+        model.train()
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable()  # the name since transformers 5.24 (the old one warns there)
+        x = ids(batch=2, length=6)
+        model(input_ids=x, labels=x).loss.backward()  # no use_cache=False, as user training loops call it
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_left_padded_batch_equals_unpadded_rows(name):
     model, make_cache, _ = build(name)

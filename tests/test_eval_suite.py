@@ -14,6 +14,7 @@ from hf_attn_swap.cli import main as cli_main
 from hf_attn_swap.evaluate.speed import measure_decode_speed
 from hf_attn_swap.evaluate.tasks import run_lm_eval, task_documents, task_sources
 from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer
+from hf_attn_swap.testing import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +135,21 @@ def test_decode_pad_id_keeps_zero_and_takes_the_first_eos(pad, eos, expected):
     from hf_attn_swap.evaluate.speed import pad_token_id
 
     assert pad_token_id(GenerationConfig(pad_token_id=pad, eos_token_id=eos)) == expected
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "latent"])
+def test_decode_speed_repeats_runs_from_the_cropped_cache(kind):
+    """Timer repeats decoding from the same prefilled cache, cropped back each time (not one cold run): on every
+    supported transformers, for DynamicCache and LatentCache."""
+    from hf_attn_swap import convert_to_mla
+
+    if kind == "dynamic":
+        model = tiny_model("llama")
+    else:
+        model = tiny_model("qwen2", num_attention_heads=4, num_key_value_heads=2)
+        convert_to_mla(model, 24, 8)
+    model.generation_config.eos_token_id = None
+    result = measure_decode_speed(model, 8, 4, min_run_time=0.2)
+    assert result["decode_runs"] > 1
+    assert result["cache_class"] == {"dynamic": "DynamicCache", "latent": "LatentCache"}[kind]
+    assert result["cache_bytes_per_token"] > 0

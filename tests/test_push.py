@@ -178,3 +178,23 @@ def test_pickle_shard_indexes_are_skipped_with_their_shards(tmp_path):
         "sub/notes.txt",
     ]
     assert sorted(p.name for p in skipped) == ["pytorch_model.bin", "pytorch_model.bin.index.json"]
+
+
+def test_linked_files_are_followed_and_linked_folders_refused(tmp_path):
+    """A Hub-cache snapshot is made of file links (followed); a link to a folder could point anywhere (a home
+    directory with keys) and is refused with the fix instead of being uploaded or silently left out."""
+    from hf_attn_swap.pipeline.hub import files_to_upload
+
+    blobs, folder = tmp_path / "blobs", tmp_path / "model"
+    blobs.mkdir(), folder.mkdir()
+    (blobs / "weights").write_text("w")
+    (folder / "model.safetensors").symlink_to(blobs / "weights")
+    (folder / "config.json").write_text("{}")
+    keep, _ = files_to_upload(folder)
+    assert [p.name for p in keep] == ["config.json", "model.safetensors"]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("PRIVATE")
+    (folder / "extra").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match="extra' is a link to a folder: push never follows those"):
+        files_to_upload(folder)

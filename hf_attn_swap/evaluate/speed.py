@@ -72,7 +72,15 @@ def pad_token_id(generation_config) -> int:
 
 def _croppable(cache) -> bool:
     """Whether ``crop`` puts ``cache`` back exactly (no sliding-window layer that may have evicted tokens)."""
-    return bool(getattr(cache, "is_croppable", False)) and not any(getattr(cache, "is_sliding", None) or [])
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(_layer_croppable(layer) for layer in layers)
+
+
+def _layer_croppable(layer) -> bool:
+    # transformers >= 5.24 says so per layer (``is_croppable``); before, any non-sliding layer with ``crop`` is
+    if hasattr(layer, "is_croppable"):
+        return bool(layer.is_croppable) and not getattr(layer, "is_sliding", False)
+    return hasattr(layer, "crop") and not getattr(layer, "is_sliding", False)
 
 
 @torch.inference_mode()

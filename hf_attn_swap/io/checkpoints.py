@@ -13,17 +13,22 @@ import torch
 
 from .folders import check_source, parse_dtype
 
-#: files transformers can build a tokenizer from (serialised fast tokenizer, its config, a sentencepiece model,
-#: BPE / WordPiece vocabularies). Kept only to tell "no tokenizer" from "a tokenizer that does not load" when
-#: loading fails (transformers raises the same errors for both); which files a tokenizer consists of is
-#: AutoTokenizer's business (``copy_tokenizer_files``).
+#: the files a tokenizer folder consists of. Converted and uptrained folders get them copied verbatim, not
+#: re-saved through ``AutoTokenizer.from_pretrained(src).save_pretrained(out)``: measured (transformers 5.24), a
+#: re-save drops ``vocab.txt`` / ``special_tokens_map.json`` (BERT) and ``vocab.json`` / ``merges.txt`` /
+#: ``added_tokens.json`` (GPT-2) that other tools read, and a sentencepiece-only source (``tokenizer.model``, no
+#: protobuf or tiktoken installed) does not load at all, which would fail a conversion after its work is done.
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
     "tokenizer.model",
     "vocab.json",
     "vocab.txt",
     "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -69,13 +74,13 @@ def load_tokenizer(path: str | Path, needed_for: str = "", alternative: str = ""
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Save ``src``'s tokenizer into ``dst`` (``AutoTokenizer.from_pretrained(src).save_pretrained(dst)``: every
-    file the tokenizer needs, chat template included) and return the names written. A ``src`` without tokenizer
-    files gets nothing written and no error; one whose tokenizer does not load raises ``load_tokenizer``'s
-    ``ValueError``."""
-    if not has_tokenizer_files(src):
-        return []
-    return sorted(Path(p).name for p in load_tokenizer(src).save_pretrained(str(dst)))
+    """Copy ``src``'s tokenizer files (``TOKENIZER_FILES``, those present) into ``dst``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
 
 
 SENTENCE_TRANSFORMERS_FILES = (

@@ -89,15 +89,19 @@ def check_cache_grew(forward):
     @functools.wraps(forward)
     def checked_forward(self, *args, **kwargs):
         given = next((kwargs[name] for name in CACHE_KWARGS[:2] if kwargs.get(name) is not None), None)
-        before = given.get_seq_length() if given is not None else 0
+        # int(): a StaticCache reports its length as a tensor that its update then grows in place
+        before = int(given.get_seq_length()) if given is not None else 0
         outputs = forward(self, *args, **kwargs)
         cache = output_cache(outputs)
-        if cache is not None and hasattr(cache, "get_seq_length"):
+        # training with gradient checkpointing: transformers drops the cache on purpose (use_cache -> False)
+        checkpointing = self.training and getattr(self, "gradient_checkpointing", False)
+        if cache is not None and hasattr(cache, "get_seq_length") and not checkpointing:
             tokens = _input_length(args, kwargs)
-            if tokens and cache.get_seq_length() <= before:
+            after = int(cache.get_seq_length())
+            if tokens and after <= before:
                 raise CacheNotUpdatedError(
                     f"{type(self).__name__}: {tokens} tokens went in with a cache of {before}, and the cache "
-                    f"returned holds {cache.get_seq_length()}"
+                    f"returned holds {after}"
                 )
         return outputs
 

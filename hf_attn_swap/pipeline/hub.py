@@ -37,7 +37,19 @@ def files_to_upload(folder: Path) -> tuple[list[Path], list[Path]]:
     ``IGNORE_PATTERNS`` uploads from ``folder``, filtered the same way (``filter_repo_objects``)."""
     from huggingface_hub.utils import filter_repo_objects
 
-    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = {}
+    for root, dirs, names in os.walk(folder):  # never descends into a linked folder (it may lie anywhere)
+        root = Path(root)
+        linked = [d for d in dirs if (root / d).is_symlink()]
+        if linked:
+            raise ValueError(
+                f"{str(root / linked[0])!r} is a link to a folder: push never follows those; copy its files "
+                "into the model folder or remove the link"
+            )
+        files.update(
+            {(root / n).relative_to(folder).as_posix(): root / n for n in names if (root / n).is_file()}
+        )
+    files = dict(sorted(files.items()))
     visible = list(filter_repo_objects(files, ignore_patterns=HIDDEN_PATTERNS))
     keep = [files[name] for name in filter_repo_objects(visible, ignore_patterns=PICKLE_PATTERNS)]
     skipped = [files[name] for name in filter_repo_objects(visible, allow_patterns=PICKLE_PATTERNS)]
@@ -273,7 +285,6 @@ def push_to_hub(
 
     Returns {repo_url, commit_url, revision, files, skipped}. ``dry_run`` builds the card and file list only.
     """
-    import shutil
     import tempfile
 
     from huggingface_hub import HfApi, get_token
@@ -308,7 +319,10 @@ def push_to_hub(
     # (upload_folder reads through them), plus the card.
     with tempfile.TemporaryDirectory(prefix="hf_attn_swap_push_") as tmp:
         staged = Path(tmp) / folder.name
-        shutil.copytree(folder, staged, copy_function=os.symlink)
+        for path in files:  # exactly what files_to_upload listed (and --dry-run shows)
+            link = staged / path.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path.resolve())
         if card is not None:
             (staged / CARD_FILE).write_text(card, encoding="utf-8")
         commit = api.upload_folder(
