@@ -208,11 +208,21 @@ def parse(argv: list[str] | None = None) -> tuple[str, tuple]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     name = next((a for a in argv if a in COMMANDS), "")
+
+    def run() -> int:
+        command, options = parse(argv)
+        return COMMANDS[command].run(*options)
+
+    return run_script(f"hf-attn-swap {name}".strip(), run)
+
+
+def run_script(prog: str, job: Callable[[], int]) -> int:
+    """Run ``job`` (a command, or a recipe script's ``main``): bad input prints one line ``PROG: error: ...`` and
+    returns 2, never a traceback."""
     try:
-        name, options = parse(argv)
-        return COMMANDS[name].run(*options)
+        return job()
     except USER_ERRORS as err:
-        print(f"hf-attn-swap {name}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
 
 

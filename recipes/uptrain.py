@@ -71,4 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hf_attn_swap.cli import run_script
+
+    sys.exit(run_script("recipes/uptrain.py", main))  # bad input: one line, exit 2

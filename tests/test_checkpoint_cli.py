@@ -301,3 +301,35 @@ def test_demo_job_runs_end_to_end(saved_tiny, tmp_path, text_file, capsys, monke
         )  # layers x K,V x H_kv x d x fp32
         assert results[name]["kl_to_reference"] > 0 and results[name]["tokens"] == original["tokens"]
     assert payload["calibration"]["files"] == 1 and "| model |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "target,message",
+    [
+        (["--to", "gqa", "--num-kv-heads", "2", "--kv-lora-rank", "8"], "only apply to --to mla"),
+        (
+            ["--to", "mla", "--kv-lora-rank", "16", "--rope-dim", "8", "--method", "fit"],
+            "only apply to --to gqa",
+        ),
+    ],
+)
+def test_options_of_the_other_target_are_refused_not_dropped(saved_tiny, tmp_path, capsys, target, message):
+    src = saved_tiny("llama", num_attention_heads=4, num_key_value_heads=4)
+    assert main(["convert", str(src), str(tmp_path / "out"), *target]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="only apply to to="):
+        convert_checkpoint(src, tmp_path / "out", "gqa", num_key_value_heads=2, mla={"kv_lora_rank": 8})
+    with pytest.raises(ValueError, match="only apply to to="):
+        convert_checkpoint(
+            src, tmp_path / "out", "mla", mla={"kv_lora_rank": 8, "qk_rope_head_dim": 4}, method="fit"
+        )
+
+
+def test_calibration_text_for_a_data_free_method_is_refused_not_ignored(
+    saved_tiny, tmp_path, text_file, capsys
+):
+    src = saved_tiny("llama", num_attention_heads=4, num_key_value_heads=4)
+    argv = ["convert", str(src), str(tmp_path / "out"), "--to", "gqa", "--num-kv-heads", "2"]
+    assert main([*argv, "--calibration-data", str(text_file)]) == 2
+    assert "method 'mean' reads no calibration text: drop --calibration-data" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

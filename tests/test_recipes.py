@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -124,3 +127,23 @@ def test_recipe_without_its_required_keys_names_the_key(tmp_path, script, text, 
     config.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_script(script).main(["--config", str(config)])
+
+
+@pytest.mark.parametrize(
+    "script, text, message",
+    [
+        ("uptrain", "mode: layerwise\nmax_tokens: 1024\noutput: out\n", "does not set model"),
+        ("evaluate", "models: {a: x}\nfoo: 1\n", "unknown recipe.yaml setting(s) ['foo']"),
+    ],
+)
+def test_recipe_scripts_report_bad_input_in_one_line(tmp_path, script, text, message):
+    """Run as a user would: one line naming the fix, exit 2, no traceback."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / f"{script}.py"), "--config", str(config)],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"recipes/{script}.py: error: ") and message in lines[0]

@@ -30,6 +30,8 @@ class BenchArguments:
     def __post_init__(self):
         if self.context < 1:
             raise ValueError(f"--context must be at least 1, got {self.context}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
 
 
 def bench_prompt(model_path, context: int, vocab_size: int):

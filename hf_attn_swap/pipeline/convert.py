@@ -143,6 +143,8 @@ def _target(to, num_key_value_heads, method, mla) -> GQAConfig | MLAConversionCo
             )
         return to
     if to == "mla":
+        if num_key_value_heads is not None or method != GQAConfig.method:
+            raise ValueError("num_key_value_heads and method only apply to to='gqa'")
         if isinstance(mla, MLAConversionConfig):
             return mla
         known = [f.name for f in fields(MLAConversionConfig)]
@@ -152,6 +154,8 @@ def _target(to, num_key_value_heads, method, mla) -> GQAConfig | MLAConversionCo
         return MLAConversionConfig(**(mla or {}))
     if to != "gqa":
         raise ValueError(f"unknown conversion target {to!r}; choose gqa or mla")
+    if mla is not None:
+        raise ValueError("mla options only apply to to='mla'")
     return GQAConfig(num_key_value_heads, method)
 
 
@@ -261,6 +265,16 @@ class ConvertArguments:
 def run_convert(
     args: ConvertArguments, gqa: GQAConfig, mla: MLAConversionConfig, calibration: CalibrationConfig
 ) -> int:
+    # the flags of the other target must not be dropped silently
+    if args.to == "gqa" and mla != MLAConversionConfig():
+        raise ValueError("MLA options (--kv-lora-rank, --rope-dim, --format, ...) only apply to --to mla")
+    if args.to == "mla" and gqa != GQAConfig():
+        raise ValueError("--num-kv-heads and --method only apply to --to gqa")
+    if args.to == "gqa" and calibration.calibration_data and not GQA_METHODS[gqa.method].needs_calibration:
+        raise ValueError(  # the API lets a loop over methods share its text; a typed flag is never dropped
+            f"method {gqa.method!r} reads no calibration text: drop --calibration-data, or pick a calibrated "
+            f"method ({', '.join(sorted(m for m, c in GQA_METHODS.items() if c.needs_calibration))})"
+        )
     report = convert_checkpoint(
         args.src,
         args.out,
