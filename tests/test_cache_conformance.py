@@ -270,9 +270,9 @@ def _without_cache(forward):
 
 def test_use_cache_without_a_cache_object_raises():
     with pytest.raises(CacheNotUpdatedError, match="use_cache=True but received no cache"):
-        compat.update_layer_cache(None, torch.zeros(1), torch.zeros(1), 0, use_cache=True)
+        compat.update_layer_cache({"use_cache": True}, torch.zeros(1), torch.zeros(1), 0)
     key, value = torch.zeros(1), torch.ones(1)
-    assert compat.update_layer_cache(None, key, value, 0, use_cache=False) == (key, value)
+    assert compat.update_layer_cache({"use_cache": False}, key, value, 0) == (key, value)
 
 
 def test_the_cache_is_taken_under_either_name():

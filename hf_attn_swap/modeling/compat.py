@@ -59,7 +59,7 @@ def cache_kwargs(cache) -> dict:
 
 def output_cache(outputs):
     """The cache a model returned (``outputs.cache`` from 5.24, ``outputs.past_key_values`` before), or None,
-    without tripping transformers' deprecation warning."""
+    without tripping transformers' deprecation warning. Also finds the cache in a forward's keyword arguments."""
     if isinstance(outputs, dict):
         for name in CACHE_KWARGS[:2]:
             if outputs.get(name) is not None:
@@ -67,13 +67,14 @@ def output_cache(outputs):
     return None
 
 
-def update_layer_cache(cache, key, value, layer_idx: int, use_cache=None, **kwargs):
-    """Append this step's K/V (or MLA latent / rope key) to ``cache`` for ``layer_idx`` and return everything
-    cached; with no cache, return the inputs. ``use_cache=True`` without a cache raises
-    :class:`CacheNotUpdatedError` instead of decoding without one. An encoder-decoder cache gives its
-    self-attention part."""
+def update_layer_cache(kwargs: dict, key, value, layer_idx: int):
+    """Take the cache out of an attention forward's ``kwargs`` (``pop_cache``), append this step's K/V (or MLA
+    latent / rope key) for ``layer_idx`` and return everything cached; with no cache, return the inputs.
+    ``use_cache=True`` in ``kwargs`` without a cache raises :class:`CacheNotUpdatedError` instead of decoding
+    without one. An encoder-decoder cache gives its self-attention part."""
+    cache = pop_cache(kwargs)
     if cache is None:
-        if use_cache:
+        if kwargs.get("use_cache"):
             raise CacheNotUpdatedError(f"layer {layer_idx}: called with use_cache=True but received no cache")
         return key, value
     self_attention_cache = getattr(cache, "self_attention_cache", None)
@@ -88,7 +89,7 @@ def check_cache_grew(forward):
 
     @functools.wraps(forward)
     def checked_forward(self, *args, **kwargs):
-        given = next((kwargs[name] for name in CACHE_KWARGS[:2] if kwargs.get(name) is not None), None)
+        given = output_cache(kwargs)
         # int(): a StaticCache reports its length as a tensor that its update then grows in place
         before = int(given.get_seq_length()) if given is not None else 0
         outputs = forward(self, *args, **kwargs)

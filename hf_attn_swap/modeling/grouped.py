@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
-from .compat import check_cache_grew, pop_cache, update_layer_cache
+from .compat import check_cache_grew, update_layer_cache
 
 #: stock model class -> plugin model class (filled as plugin classes are defined)
 GROUPED_MODEL_CLASSES: dict[type, type] = {}
@@ -153,9 +153,7 @@ class GroupedAttentionMixin:
         query, key, value = self.project_qkv(hidden_states)
         if self.rotary is not None:
             query, key = self.rotary(query, key, *position_embeddings)
-        key, value = update_layer_cache(
-            pop_cache(kwargs), key, value, self.layer_idx, kwargs.get("use_cache")
-        )
+        key, value = update_layer_cache(kwargs, key, value, self.layer_idx)
         attn_output, attn_weights = self.attend(
             query, key, value, attention_mask, **self.attention_options(), **kwargs
         )

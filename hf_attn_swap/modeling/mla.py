@@ -175,9 +175,7 @@ class MLAAttention(nn.Module):
         cos, sin = self.rope_cos_sin(*position_embeddings)
         q_rope, rope_key = apply_rotary_pos_emb(q_rope, rope_key, cos, sin)
 
-        latent, rope_key = update_layer_cache(
-            pop_cache(kwargs), latent, rope_key, self.layer_idx, kwargs.get("use_cache")
-        )
+        latent, rope_key = update_layer_cache(kwargs, latent, rope_key, self.layer_idx)
 
         query = torch.cat([q_nope, q_rope], dim=-1)
         implementation = self.config._attn_implementation
