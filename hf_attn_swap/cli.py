@@ -28,6 +28,7 @@ from .pipeline.evaluate import EvalConfig, EvalDataConfig, EvalOutputs, run_eval
 from .pipeline.examples import ExampleModelArguments, run_example_model
 from .pipeline.push import PushArguments, run_push
 from .pipeline.train import UptrainCommandArguments, run_uptrain
+from .pipeline.verify import VerifyArguments, run_verify
 from .uptrain import UptrainConfig
 
 #: what a job may raise for bad input: exit status 2 and one line
@@ -101,6 +102,16 @@ COMMANDS: dict[str, Command] = {
         (PushArguments,),
         run_push,
         positional=("model",),
+    ),
+    "verify": Command(
+        "check that a serving engine (vLLM, SGLang, llama.cpp, mlx-lm) decodes MODEL as transformers does",
+        (VerifyArguments,),
+        run_verify,
+        positional=("model",),
+        description="Runs the engine in its own interpreter (the venv of scripts/install_runtimes.sh, or "
+        "--python) on the prompts, compares greedy tokens and per-position log-probs with transformers on the "
+        "same folder, prints the table, stores it in MODEL/verify.json (push puts it in the model card). "
+        "Exit status 1 on a mismatch.",
     ),
 }
 
