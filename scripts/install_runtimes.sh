@@ -15,9 +15,14 @@ LLAMA_SPEC=${LLAMA_SPEC:-llama-cpp-python==0.3.36}
 SGLANG_SPEC=${SGLANG_SPEC:-sglang==0.5.23}
 engines=("$@"); [ ${#engines[@]} -gt 0 ] || engines=(vllm mlx llama.cpp sglang)
 
+pip_quiet() {  # pip_quiet PYTHON ARGS...: pip -q without the "WARNING: Location ... is ignored" lines of absent local indexes
+  local py=$1; shift
+  "$py" -m pip "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
+
 fresh_venv() {  # fresh_venv NAME -> prints the venv path; an unfinished venv of that name is removed first
   local venv="$root/$1"
-  rm -rf "$venv"; mkdir -p "$root"; "$PY" -m venv "$venv"; "$venv/bin/python" -m pip install -q --upgrade pip
+  rm -rf "$venv"; mkdir -p "$root"; "$PY" -m venv "$venv"; pip_quiet "$venv/bin/python" install -q --upgrade pip
   echo "$venv"
 }
 
@@ -29,36 +34,39 @@ for engine in "${engines[@]}"; do
   case "$engine" in
     vllm)
       venv=$(fresh_venv vllm)
-      "$venv/bin/python" -m pip install -q "$VLLM_SPEC"
+      pip_quiet "$venv/bin/python" install -q "$VLLM_SPEC"
       # its torchvision/torchaudio/torchcodec wheels do not match its torch and break `import vllm`; text-only use.
-      "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+      pip_quiet "$venv/bin/python" uninstall -q -y torchvision torchaudio torchcodec || true
       "$venv/bin/python" -c "import vllm; print('vllm', vllm.__version__)" ;;
     mlx)
       venv=$(fresh_venv mlx)
       # shellcheck disable=SC2086
-      "$venv/bin/python" -m pip install -q $MLX_SPECS
+      pip_quiet "$venv/bin/python" install -q $MLX_SPECS
       "$venv/bin/python" -c "import mlx.core as mx, mlx_lm; print('mlx', mx.__version__, 'mlx-lm', mlx_lm.__version__)" ;;
     llama.cpp)
       venv=$(fresh_venv llama.cpp)
       # built from source (CPU, ~20 min on 2 cores once; pip caches the wheel). The sdist vendors llama.cpp's
-      # convert_hf_to_gguf.py and its gguf-py, which we keep next to the venv to turn HF folders into GGUF.
-      "$venv/bin/python" -m pip install -q "torch==2.13.0"
-      "$venv/bin/python" -m pip install -q numpy safetensors sentencepiece "transformers>=5.15,<6" protobuf
-      CMAKE_ARGS="-DGGML_NATIVE=OFF" "$venv/bin/python" -m pip install -q --no-binary llama-cpp-python "$LLAMA_SPEC"
+      # convert_hf_to_gguf.py, its `conversion` package (the model classes, split out of the script in 2026) and
+      # gguf-py, which we keep in <venv>/llama.cpp to turn HF folders into GGUF (verify's llama.cpp driver).
+      pip_quiet "$venv/bin/python" install -q "torch==2.13.0"
+      pip_quiet "$venv/bin/python" install -q numpy safetensors sentencepiece "transformers>=5.15,<6" protobuf
+      CMAKE_ARGS="-DGGML_NATIVE=OFF" pip_quiet "$venv/bin/python" install -q --no-binary llama-cpp-python "$LLAMA_SPEC"
       tmp=$(mktemp -d)
-      "$venv/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$tmp" "$LLAMA_SPEC"
+      pip_quiet "$venv/bin/python" download -q --no-deps --no-binary :all: -d "$tmp" "$LLAMA_SPEC"
       tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
       rm -rf "$venv/llama.cpp"; mkdir -p "$venv/llama.cpp"
-      cp "$tmp"/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py "$venv/llama.cpp/"
-      cp -r "$tmp"/llama_cpp_python-*/vendor/llama.cpp/gguf-py "$venv/llama.cpp/gguf-py"
-      [ -f "$tmp"/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf_update.py ] || true
+      vendor=$(echo "$tmp"/llama_cpp_python-*/vendor/llama.cpp)
+      cp "$vendor/convert_hf_to_gguf.py" "$venv/llama.cpp/"
+      cp -r "$vendor/gguf-py" "$venv/llama.cpp/gguf-py"
+      if [ -d "$vendor/conversion" ]; then cp -r "$vendor/conversion" "$venv/llama.cpp/conversion"; fi
       rm -rf "$tmp"
-      "$venv/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)" ;;
+      "$venv/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
+      PYTHONPATH="$venv/llama.cpp:$venv/llama.cpp/gguf-py" "$venv/bin/python" "$venv/llama.cpp/convert_hf_to_gguf.py" --help >/dev/null ;;
     sglang)
       venv=$(fresh_venv sglang)
       # SGLang publishes no CPU kernels on PyPI (sgl-kernel is CUDA-only there): the venv holds its Python sources,
       # which `verify --runtime sglang` reads to check what its DeepSeek loader builds, and runs it only on CUDA.
-      "$venv/bin/python" -m pip install -q --no-deps "$SGLANG_SPEC"
+      pip_quiet "$venv/bin/python" install -q --no-deps "$SGLANG_SPEC"
       "$venv/bin/python" -c "import importlib.util as u; print('sglang', u.find_spec('sglang').origin)" ;;
     *) echo "install_runtimes.sh: unknown engine '$engine' (choose from vllm, mlx, llama.cpp, sglang)" >&2; exit 2 ;;
   esac
