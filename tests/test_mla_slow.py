@@ -52,9 +52,7 @@ def test_deepseek_v3_export_of_smollm2(smollm2, tmp_path):
     report = convert_checkpoint(src, out, to="mla", mla=options)
     assert report.kv_bytes_per_token_after == 120 * 30 * 4 and report.kv_reduction == pytest.approx(0.6875)
     in_memory = copy.deepcopy(model)
-    convert_to_mla(
-        in_memory, 103, 16, rope_selection="uniform"
-    )  # deepseek_v3 keeps one of the 104 latent channels for the constant
+    convert_to_mla(in_memory, 104, 16, rope_selection="uniform")  # deepseek_v3 learns all 104 latent channels
     stock = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
     latent = AutoModelForCausalLM.from_pretrained(out, attn_implementation="latent_sdpa").eval()
     with torch.no_grad():

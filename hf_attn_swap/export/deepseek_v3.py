@@ -1,27 +1,43 @@
-"""Export a converted MLA model to stock ``deepseek_v3`` (loads with plain ``AutoModelForCausalLM``, no plugin).
+"""Export a converted MLA model to stock ``deepseek_v3``: one folder that transformers, vLLM, SGLang, llama.cpp and
+mlx-lm read the same way (no plugin, no remote code, no bias tensors, interleaved RoPE).
 
-DeepSeek-V3 attention differs from the plugin format in three ways, each handled without approximation beyond a
-proven bound:
+The plugin model (``hf_attn_swap.modeling.mla``) and DeepSeek-V3 differ in four ways; each is mapped exactly or
+within a proven bound:
 
-1. ``kv_a_layernorm``: an RMSNorm on the latent before ``kv_b_proj``. We append one constant channel a (made by
-   the ``kv_a_proj_with_mqa`` bias; its weight row is 0) and scale the real latent by kappa, so the norm sees
-   z = [kappa c ; a]. With rho(z) = sqrt((|kappa c|^2 + a^2) / (r + 1) + eps) and norm weight rho(0) / kappa on
-   the latent channels (0 on the constant one), the layer outputs
-       c * rho(0) / rho(z) = c / sqrt(1 + t),   t = kappa^2 |c|^2 / (a^2 + (r + 1) eps),
-   a per-token scalar factor on the latent (so on k_nope and v) with relative error 1 - 1/sqrt(1 + t) <= t / 2.
-   The attention input is the layer's RMSNorm output x = g * x_hat with |x_hat| <= sqrt(hidden), so
-   |c| <= C = ||W_DKV diag(g)||_2 sqrt(hidden) for every input; choosing kappa = sqrt(2 delta) a / C bounds the
-   error by delta for all inputs: 2^-26 in float32, 2^-12 in bfloat16, 2^-14 in float16 (below each dtype's
-   rounding unit; 2^-40 in float64). The constant costs one cached value per token and layer.
-2. ``q_proj`` has no bias when ``q_lora_rank`` is None. Sources with q biases (Qwen2) go through the q-LoRA path:
-   q_a_proj = [kappa_q I ; 0] with bias [0 ; a], q_a_layernorm as above (the constant channel's weight makes it
-   exactly rho(0)/rho(z)), q_b_proj = [W_q | b_q]; so q = (W_q x + b_q) rho(0) / rho(z), same bound with
-   C_q = max|g| sqrt(hidden).
-3. Everything else maps one to one: ``attention_bias=True`` (the constant needs the ``kv_a_proj_with_mqa`` bias;
-   o_proj gets the source's o bias plus the folded v bias, or zeros), ``rope_interleave=False`` (the plugin uses
-   rotate-half), one rope key, dense MLPs everywhere (``first_k_dense_replace = num_hidden_layers``), no MTP.
-   The kept rotary frequencies must be a DeepSeek ladder: ``uniform`` keeps the source theta; ``high``/``low``
-   become theta' (and linear scaling).
+1. ``kv_a_layernorm`` (RMSNorm on the latent c before ``kv_b_proj``), linear regime. The latent rows of
+   ``kv_a_proj_with_mqa`` are scaled by a small kappa (a power of two: exact in every dtype) and the norm weight is
+   sqrt(eps) / kappa, so for z = kappa c (r' = kv_lora_rank channels, padding included)
+       out = (sqrt(eps)/kappa) z / sqrt(|z|^2/r' + eps) = c / sqrt(1 + t),   t = kappa^2 |c|^2 / (r' eps):
+   a per-token scalar on the latent (so on k_nope and v) with relative error 1 - 1/sqrt(1 + t) <= t/2. The
+   attention input is the layer's RMSNorm output g * x_hat with |x_hat| <= sqrt(hidden), so |c| <= C =
+   ||W_DKV diag(g)||_2 sqrt(hidden) for every input, and kappa <= sqrt(2 delta r' eps) / C bounds the error by
+   delta for all inputs. Proven worst case per dtype (``NORM_ERROR_TARGETS``, below the dtype's rounding unit):
+   float32 2^-26, bfloat16 2^-12 (float64 2^-40). float16 is refused: z = kappa c is ~1e-8 |c|, under float16's
+   smallest subnormal (6e-8), so the latent would round to zero (export bfloat16/float32, or ``--format plugin``).
+   Quantised copies must keep ``kv_a_proj_with_mqa`` in float32/bfloat16 (an int8/int4 grid scaled to rows of
+   size ~kappa is fine per row, but activation quantisation of z or an fp16 matmul is not).
+2. One epsilon for every norm. transformers builds ``kv_a_layernorm`` with its default eps 1e-6
+   (``DeepseekV3RMSNorm(kv_lora_rank)``), vLLM / SGLang / llama.cpp / mlx-lm with ``rms_norm_eps`` (mlx-lm: 1e-6),
+   so the export writes ``rms_norm_eps = 1e-6`` and keeps every other norm unchanged by rescaling the residual
+   stream by s = sqrt(1e-6 / eps_src): embeddings, ``o_proj`` and ``down_proj`` times s, since
+   RMSNorm(s x; s^2 eps) = RMSNorm(x; eps) with the same weight. The final norm's output is unchanged, so
+   ``lm_head`` is written untied and unscaled (s = 1, i.e. eps_src = 1e-6, changes nothing).
+3. RoPE, interleaved (the layout vLLM, SGLang, llama.cpp and mlx-lm hard-code; ``rope_interleave: true`` for
+   transformers). The plugin's rope dims are rotate-half: kept pair i turns dims (i, i + m), m = d_rope/2. The
+   export puts them at rows (2(j0+i), 2(j0+i)+1) of q_proj (per head) and of the rope key, on DeepSeek's ladder
+   inv_freq_j = theta'^(-2j/d') with d' = the (padded) rope dims: the kept frequencies f_i = f_0 rho^i need
+   theta' = rho^(-d'/2) and f_0 = rho^j0 for an integer j0 >= 0 with j0 + m <= d'/2. ``high``/``uniform`` give
+   j0 = 0 for any d'; ``low`` gives j0 = head_dim/2 - m, so it needs ``pad_rope_dim >= head_dim`` (no linear
+   scaling is ever written: plain ``rope_type: default``). Unused ladder slots get zero q and k rows. A rotary
+   ``attention_scaling`` of the source folds into the q rope rows.
+4. Softmax scale: DeepSeek uses (d_nope + d')^-0.5; the factor sqrt((d_nope + d') / (d_nope + d_rope)) is folded
+   into q_proj. Zero latent channels (``pad_kv_lora_rank``) have zero rows in ``kv_a_proj_with_mqa`` and zero
+   columns in ``kv_b_proj``: both paddings add exact zeros (only the cache grows), to fit kernels such as vLLM's
+   FlashMLA / CPU_MLA (latent 512 + rope 64).
+
+Everything else maps one to one: no attention biases (a source with q/k/v/o biases, e.g. Qwen2, is refused in
+favour of ``--format plugin``), dense MLPs in every layer (``first_k_dense_replace = num_hidden_layers``), no MTP
+layer, ``q_lora_rank: null``, ``routed_scaling_factor: 1``, top-level ``rope_theta`` next to ``rope_parameters``.
 """
 
 from __future__ import annotations
@@ -31,18 +47,49 @@ import math
 import torch
 from torch import nn
 
-#: worst-case relative error delta of the constant-channel trick, per dtype (see the module docstring)
+#: worst-case relative error delta of the linear-regime latent norm, per dtype (see the module docstring)
 NORM_ERROR_TARGETS = {
     torch.float64: 2.0**-40,
     torch.float32: 2.0**-26,
     torch.bfloat16: 2.0**-12,
-    torch.float16: 2.0**-14,
 }
-#: value of the constant channel (a power of two: exact in every dtype, a^2 far inside float16's range)
-CONSTANT = 256.0
+#: the epsilon every norm of the export uses (transformers' default for ``kv_a_layernorm``)
+DEEPSEEK_EPS = 1e-6
+#: config fields written although transformers' DeepseekV3Config does not define them (other loaders read them)
+EXTRA_CONFIG_FIELDS = {"moe_layer_freq": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid"}
 
 
-def check_deepseek_expressible(config) -> None:
+def check_deepseek_dtype(dtype: torch.dtype) -> None:
+    """Raise a one-line ``ValueError`` for a dtype the linear-regime norm cannot hold (float16, ...)."""
+    if dtype == torch.float16:
+        raise ValueError(
+            "the deepseek_v3 export cannot be float16 (its scaled latent falls into float16 subnormals): use "
+            "--dtype bfloat16 or float32, or --format plugin"
+        )
+    if dtype not in NORM_ERROR_TARGETS:
+        raise ValueError(f"the deepseek_v3 export supports float32, bfloat16 and float64, not {dtype}")
+
+
+def check_padding(config, pad_kv_lora_rank: int | None, pad_rope_dim: int | None) -> tuple[int, int]:
+    """The (kv_lora_rank, qk_rope_head_dim) written for ``config`` (an ``MLAConfig``), or ``ValueError``."""
+    rank, rope = config.layer_kv_lora_rank(0), config.qk_rope_head_dim
+    if pad_kv_lora_rank is not None and pad_kv_lora_rank < rank:
+        raise ValueError(f"--pad-kv-lora-rank {pad_kv_lora_rank} is smaller than the latent rank {rank}")
+    if pad_rope_dim is not None and (pad_rope_dim < rope or pad_rope_dim % 2):
+        raise ValueError(f"--pad-rope-dim {pad_rope_dim} must be even and at least the {rope} rope dims")
+    return pad_kv_lora_rank or rank, pad_rope_dim or rope
+
+
+def attention_bias_names(model: nn.Module) -> list[str]:
+    """Names of the non-zero attention biases of the plugin ``model`` (DeepSeek-V3 has none)."""
+    names = []
+    for name, param in model.named_parameters():
+        if name.endswith(".bias") and ".self_attn." in name and bool(param.detach().abs().max() > 0):
+            names.append(name)
+    return names
+
+
+def check_deepseek_expressible(config, model: nn.Module | None = None) -> None:
     """Raise ``ValueError`` naming ``--format plugin`` when ``config`` (an ``MLAConfig``) has no deepseek_v3 form."""
     problems = []
     if config.num_rope_key_heads != 1:
@@ -56,100 +103,133 @@ def check_deepseek_expressible(config) -> None:
         problems.append("different rotary frequencies per layer (deepseek_v3 has one rope for all layers)")
     if getattr(config, "mlp_bias", False):
         problems.append("MLP biases (DeepseekV3MLP has none)")
+    biases = [] if model is None else attention_bias_names(model)
+    if biases:
+        problems.append(f"attention biases ({biases[0]}, ...; stock DeepSeek attention has none)")
     if problems:
         raise ValueError(
             "this MLA model cannot be written as stock deepseek_v3: "
             + "; ".join(problems)
-            + ". Use --format plugin (rope selection uniform/high/low, rank allocation uniform and one rope key "
-            "export to deepseek_v3)."
+            + ". Use --format plugin (rope selection uniform/high/low, rank allocation uniform, one rope key and a "
+            "bias-free source export to deepseek_v3)."
         )
 
 
-def deepseek_rope_parameters(config) -> dict:
-    """DeepSeek rope parameters whose frequencies equal the kept source ones (``MLAConfig``), or ``ValueError``."""
+def rope_ladder(config, rope_dim: int) -> dict:
+    """Where the kept frequencies of ``config`` (``MLAConfig``) sit on a plain DeepSeek ladder of ``rope_dim`` dims.
+
+    Returns {"rope_theta": theta', "offset": j0, "attention_scaling": a} (module docstring, item 3) or raises
+    ``ValueError`` naming the fix.
+    """
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    d_rope = config.qk_rope_head_dim
-    inv_freq = LlamaRotaryEmbedding(config).inv_freq  # float32, as the plugin model computes it
-    target = inv_freq.double()[torch.tensor(config.layer_rope_pairs(0))]
-    candidates = [dict(config.rope_parameters)]
-    if config.rope_parameters.get("rope_type", "default") == "default" and target.numel() > 1:
-        kept = target.numel()
-        theta = float((target[0] / target[1]) ** kept)
-        ladder = {"rope_type": "default", "rope_theta": theta}
-        if not math.isclose(float(target[0]), 1.0, rel_tol=1e-9):
-            ladder = {"rope_type": "linear", "rope_theta": theta, "factor": float(1.0 / target[0])}
-        candidates.append(ladder)
-    for params in candidates:
-        probe = DeepseekV3Config(
-            hidden_size=8, num_attention_heads=1, qk_rope_head_dim=d_rope, rope_parameters=dict(params)
+    source = LlamaRotaryEmbedding(config)  # what the plugin model computes (float32)
+    pairs = config.layer_rope_pairs(0)
+    target = source.inv_freq.double()[torch.tensor(pairs)]
+    params = config.rope_parameters
+    if params.get("rope_type", "default") == "default":  # the same frequencies in float64: a clean theta'
+        target = float(params["rope_theta"]) ** (
+            -2 * torch.tensor(pairs, dtype=torch.float64) / config.head_dim
         )
-        rotary = DeepseekV3RotaryEmbedding(probe)
-        if rotary.attention_scaling == 1.0 and torch.allclose(rotary.inv_freq.double(), target, rtol=1e-5):
-            return probe.rope_parameters
+    kept, slots = target.numel(), rope_dim // 2
+    first = float(target[0])
+    if kept > 1:
+        step = float(target[1] / target[0])
+        offset = math.log(first) / math.log(step)
+        theta = step ** (-rope_dim / 2)
+    else:  # one frequency: at slot 0 when it is 1, else at slot 1 of a ladder through it
+        offset = 0.0 if math.isclose(first, 1.0, rel_tol=1e-6) else 1.0
+        theta = (
+            float(config.rope_parameters.get("rope_theta", 10000.0))
+            if offset == 0
+            else first ** (-rope_dim / 2)
+        )
+    j0 = round(offset)
+    theta = float(f"{theta:.12g}")
+    if abs(offset - j0) < 1e-4 and j0 + kept <= slots:
+        probe = DeepseekV3Config(
+            hidden_size=8,
+            num_attention_heads=1,
+            qk_rope_head_dim=rope_dim,
+            rope_parameters={"rope_type": "default", "rope_theta": theta},
+        )
+        ladder = DeepseekV3RotaryEmbedding(probe).inv_freq.double()[j0 : j0 + kept]
+        if torch.allclose(ladder, target, rtol=1e-5):
+            return {"rope_theta": theta, "offset": j0, "attention_scaling": float(source.attention_scaling)}
+    hint = ""
+    if abs(offset - j0) < 1e-4 and j0 >= 0:
+        hint = f", pad the rope to --pad-rope-dim {2 * (j0 + kept)} or more (puts them on the ladder)"
     raise ValueError(
-        f"the kept rotary frequencies {target.tolist()} are not a DeepSeek ladder 1/theta^(2i/{d_rope}) for any "
-        "theta: export with --format plugin, or convert with --rope-selection uniform"
+        f"the kept rotary frequencies are not on a plain DeepSeek ladder 1/theta^(2j/{rope_dim}) (no rope scaling "
+        f"is written, stock runtimes read it differently): convert with --rope-selection high or uniform{hint}, "
+        "or use --format plugin"
     )
 
 
-def dominant_channel(weight: torch.Tensor, gamma: torch.Tensor, eps: float, dtype: torch.dtype) -> dict:
-    """Constants of the constant-channel trick for latent rows ``weight`` [r, hidden] fed by ``gamma * x_hat``.
+def linear_regime(
+    weight: torch.Tensor, gamma: torch.Tensor, width: int, eps: float, dtype: torch.dtype
+) -> dict:
+    """Constants of the linear-regime latent norm for latent rows ``weight`` [r, hidden] fed by ``gamma * x_hat``.
 
-    Returns kappa (latent scale), constant a, norm weight rho(0)/kappa, the input bound C and the proven worst-case
-    relative error ``bound`` (<= the dtype's target).
+    width: channels the norm averages over (r' >= r). Returns kappa (a power of two), the norm weight
+    sqrt(eps)/kappa, the input bound C and the proven worst-case relative error ``bound`` (<= the dtype's target).
     """
-    target = NORM_ERROR_TARGETS.get(dtype)
-    if target is None:
-        raise ValueError(f"deepseek_v3 export supports float32, bfloat16, float16 and float64, not {dtype}")
-    rank, hidden = weight.shape
+    check_deepseek_dtype(dtype)
+    target = NORM_ERROR_TARGETS[dtype]
+    hidden = weight.shape[1]
     bound_c = float(
         torch.linalg.matrix_norm(weight.detach().double().cpu() * gamma.detach().double().cpu(), ord=2)
     ) * math.sqrt(hidden)
     bound_c = max(bound_c, 1e-30)
-    kappa = math.sqrt(2 * target) * CONSTANT / bound_c
-    rho0 = math.sqrt(CONSTANT**2 / (rank + 1) + eps)
-    t_max = kappa**2 * bound_c**2 / (CONSTANT**2 + (rank + 1) * eps)
+    kappa = 2.0 ** math.floor(math.log2(math.sqrt(2 * target * width * eps) / bound_c))
+    t_max = kappa**2 * bound_c**2 / (width * eps)
     return {
         "kappa": kappa,
-        "constant": CONSTANT,
-        "norm_weight": rho0 / kappa,
-        "constant_weight": rho0 / CONSTANT,
+        "norm_weight": math.sqrt(eps) / kappa,
         "input_bound": bound_c,
         "bound": 1 - 1 / math.sqrt(1 + t_max),
     }
 
 
-def deepseek_v3_config(config, rope_parameters: dict, q_lora: bool, dtype: torch.dtype):
+def deepseek_v3_config(config, rank: int, rope_dim: int, rope_theta: float, dtype: torch.dtype):
+    """The stock config: every field a loader reads written explicitly (dense layers, no q-LoRA, no bias)."""
     from transformers import DeepseekV3Config
 
     from ..methods.mla.convert import DECODER_FIELDS
 
-    return DeepseekV3Config(
-        **{name: getattr(config, name) for name in DECODER_FIELDS},
+    fields = {name: getattr(config, name) for name in DECODER_FIELDS}
+    fields.update(rms_norm_eps=DEEPSEEK_EPS, tie_word_embeddings=False)
+    ds_config = DeepseekV3Config(
+        **fields,
         moe_intermediate_size=config.intermediate_size,  # unused: every layer is dense
         num_key_value_heads=config.num_attention_heads,
-        kv_lora_rank=config.layer_kv_lora_rank(0) + 1,
-        q_lora_rank=config.hidden_size + 1 if q_lora else None,
-        qk_rope_head_dim=config.qk_rope_head_dim,
+        kv_lora_rank=rank,
+        q_lora_rank=None,
+        qk_rope_head_dim=rope_dim,
         qk_nope_head_dim=config.qk_nope_head_dim,
         v_head_dim=config.v_head_dim,
         first_k_dense_replace=config.num_hidden_layers,
         num_nextn_predict_layers=0,
-        rope_parameters=rope_parameters,
-        rope_interleave=False,
-        attention_bias=True,
+        routed_scaling_factor=1.0,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        rope_interleave=True,
+        attention_bias=False,
         dtype=dtype,
+        **EXTRA_CONFIG_FIELDS,
     )
+    ds_config.rope_theta = rope_theta  # top level too: mlx-lm and transformers < 5 read it there
+    return ds_config
 
 
 @torch.no_grad()
-def to_deepseek_v3(model: nn.Module):
+def to_deepseek_v3(model: nn.Module, pad_kv_lora_rank: int | None = None, pad_rope_dim: int | None = None):
     """A ``DeepseekV3ForCausalLM`` (same dtype and device) computing what the plugin MLA ``model`` computes.
 
-    Returns (deepseek model, details) where details records the per-layer error bounds of the norm trick.
+    pad_kv_lora_rank / pad_rope_dim: write a latent of that many channels / that many rope dims (>= the real
+    sizes), the extra ones exact zeros (e.g. 512 and 64 for vLLM's FlashMLA and CPU_MLA kernels).
+    Returns (deepseek model, details) where details records the error bound of the latent norm and the layout.
     """
     from transformers import DeepseekV3ForCausalLM
 
@@ -160,104 +240,102 @@ def to_deepseek_v3(model: nn.Module):
         raise ValueError(
             f"to_deepseek_v3 needs a converted MLA model (hf_attn_swap.convert_to_mla), got {config.model_type!r}"
         )
-    check_deepseek_expressible(config)
     ref = model.lm_head.weight
     dtype = ref.dtype
-    rope = deepseek_rope_parameters(config)
-    q_lora = bool(config.q_proj_bias)
-    ds_config = deepseek_v3_config(config, rope, q_lora, dtype)
+    check_deepseek_dtype(dtype)
+    check_deepseek_expressible(config, model)
+    rank, rope_dim = check_padding(config, pad_kv_lora_rank, pad_rope_dim)
+    ladder = rope_ladder(config, rope_dim)
+    ds_config = deepseek_v3_config(config, rank, rope_dim, ladder["rope_theta"], dtype)
     ds = DeepseekV3ForCausalLM(ds_config).to(device=ref.device, dtype=dtype).eval()
+    eps = ds.model.layers[0].self_attn.kv_a_layernorm.variance_epsilon
+    if eps != DEEPSEEK_EPS:
+        raise ValueError(f"this transformers builds kv_a_layernorm with eps {eps}, not {DEEPSEEK_EPS}")
 
+    residual = math.sqrt(DEEPSEEK_EPS / config.rms_norm_eps)  # s: RMSNorm(s x; s^2 eps) = RMSNorm(x; eps)
     state = {
-        "model.embed_tokens.weight": model.model.embed_tokens.weight,
+        "model.embed_tokens.weight": residual * model.model.embed_tokens.weight.double(),
         "model.norm.weight": model.model.norm.weight,
+        "lm_head.weight": model.lm_head.weight,
     }
-    state["lm_head.weight"] = model.lm_head.weight
     bounds = []
+    layout = {"rank": rank, "rope_dim": rope_dim, "offset": ladder["offset"], "eps": eps}
+    layout["q_rope_scale"] = ladder["attention_scaling"] ** 2
     for idx, layer in enumerate(model.model.layers):
-        prefix, attn = f"model.layers.{idx}.", layer.self_attn
+        prefix = f"model.layers.{idx}."
         for name in ("input_layernorm", "post_attention_layernorm"):
             state[f"{prefix}{name}.weight"] = getattr(layer, name).weight
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        for name in ("gate_proj", "up_proj"):
             state[f"{prefix}mlp.{name}.weight"] = getattr(layer.mlp, name).weight
+        state[f"{prefix}mlp.down_proj.weight"] = residual * layer.mlp.down_proj.weight.double()
         state.update(
-            _attention_state(
-                attn, layer.input_layernorm.weight, ds.model.layers[idx].self_attn, prefix, bounds
-            )
+            attention_state(layer.self_attn, layer.input_layernorm.weight, prefix, layout, residual, bounds)
         )
     ds.load_state_dict({k: v.detach().to(dtype) for k, v in state.items()}, strict=True)
     ds.config._attn_implementation = (
         "sdpa" if config._attn_implementation == "latent_sdpa" else config._attn_implementation
     )
+    ds.generation_config = type(model.generation_config).from_dict(model.generation_config.to_dict())
     details = {
-        "kv_a_layernorm": "constant latent channel (see hf_attn_swap.export)",
-        "kv_lora_rank": ds_config.kv_lora_rank,
-        "latent_rank": ds_config.kv_lora_rank - 1,
-        "q_lora_rank": ds_config.q_lora_rank,
+        "kv_a_layernorm": "linear regime: latent rows x kappa, norm weight sqrt(eps)/kappa (see hf_attn_swap.export)",
+        "kv_lora_rank": rank,
+        "latent_rank": config.layer_kv_lora_rank(0),
+        "qk_rope_head_dim": rope_dim,
+        "rope_dims_used": config.qk_rope_head_dim,
+        "rope_ladder_offset": ladder["offset"],
+        "rope_theta": ladder["rope_theta"],
+        "rms_norm_eps": DEEPSEEK_EPS,
+        "source_rms_norm_eps": config.rms_norm_eps,
+        "residual_scale": residual,
         "norm_relative_error_bound": max(bounds),
-        "rope_parameters": rope,
     }
     return ds, details
 
 
-def _attention_state(attn, gamma, ds_attn, prefix: str, bounds: list) -> dict:
+def interleave_rope(rows: torch.Tensor, rope_dim: int, offset: int) -> torch.Tensor:
+    """Rotate-half rope rows [..., d, hidden] (pair i = rows i, i + d/2) -> interleaved rows [..., rope_dim, hidden]
+    with pair i at rows 2(offset + i), 2(offset + i) + 1 and zeros elsewhere."""
+    half = rows.shape[-2] // 2
+    out = rows.new_zeros(*rows.shape[:-2], rope_dim, rows.shape[-1])
+    slots = 2 * (offset + torch.arange(half))
+    out[..., slots, :] = rows[..., :half, :]
+    out[..., slots + 1, :] = rows[..., half:, :]
+    return out
+
+
+def attention_state(attn, gamma, prefix: str, layout: dict, residual: float, bounds: list) -> dict:
     """State-dict entries of one DeepseekV3Attention equal to the plugin ``attn`` (module docstring).
 
     Built in float64 on the CPU; ``load_state_dict`` copies them to the model's device and dtype.
     """
     dtype = attn.q_proj.weight.dtype
-    rank, hidden = attn.kv_lora_rank, attn.q_proj.weight.shape[1]
+    rank, rope_dim, offset = layout["rank"], layout["rope_dim"], layout["offset"]
+    r, d_rope, d_nope, heads = attn.kv_lora_rank, attn.qk_rope_head_dim, attn.qk_nope_head_dim, attn.num_heads
+    hidden = attn.q_proj.weight.shape[1]
     kv_a = attn.kv_a_proj_with_mqa.weight.double().cpu()
-    kv_a_bias = attn.kv_a_proj_with_mqa.bias
-    kv_a_bias = kv_a.new_zeros(kv_a.shape[0]) if kv_a_bias is None else kv_a_bias.double().cpu()
-    if kv_a_bias[:rank].abs().max() > 0:
-        raise ValueError("the latent has a bias; deepseek_v3 export expects a bias-free latent")
-    eps = ds_attn.kv_a_layernorm.variance_epsilon
-    kv = dominant_channel(kv_a[:rank], gamma, eps, dtype)
-    bounds.append(kv["bound"])
-    zero_row = kv_a.new_zeros(1, hidden)
-    state = {
+    norm = linear_regime(kv_a[:r], gamma, rank, layout["eps"], dtype)
+    bounds.append(norm["bound"])
+
+    # q: per head [nope ; rope] -> [nope ; interleaved, padded rope], times the softmax-scale fold
+    q = attn.q_proj.weight.double().cpu().view(heads, d_nope + d_rope, hidden)
+    q_rope = interleave_rope(q[:, d_nope:], rope_dim, offset) * layout["q_rope_scale"]
+    fold = math.sqrt((d_nope + rope_dim) / (d_nope + d_rope))
+    q = torch.cat([q[:, :d_nope], q_rope], dim=1) * fold
+    kv_b = attn.kv_b_proj.weight.double().cpu()
+    return {
+        f"{prefix}self_attn.q_proj.weight": q.reshape(-1, hidden),
         f"{prefix}self_attn.kv_a_proj_with_mqa.weight": torch.cat(
-            [kv["kappa"] * kv_a[:rank], zero_row, kv_a[rank:]]
+            [
+                norm["kappa"] * kv_a[:r],
+                kv_a.new_zeros(rank - r, hidden),
+                interleave_rope(kv_a[r:], rope_dim, offset),
+            ]
         ),
-        f"{prefix}self_attn.kv_a_proj_with_mqa.bias": torch.cat(
-            [kv_a_bias[:rank], kv_a_bias.new_tensor([kv["constant"]]), kv_a_bias[rank:]]
-        ),
-        f"{prefix}self_attn.kv_a_layernorm.weight": torch.cat(
-            [torch.full((rank,), kv["norm_weight"], dtype=torch.float64), kv_a.new_zeros(1)]
+        f"{prefix}self_attn.kv_a_layernorm.weight": torch.full(
+            (rank,), norm["norm_weight"], dtype=torch.float64
         ),
         f"{prefix}self_attn.kv_b_proj.weight": torch.cat(
-            [attn.kv_b_proj.weight.double().cpu(), kv_a.new_zeros(attn.kv_b_proj.weight.shape[0], 1)], dim=1
+            [kv_b, kv_b.new_zeros(kv_b.shape[0], rank - r)], dim=1
         ),
-        f"{prefix}self_attn.o_proj.weight": attn.o_proj.weight,
-        f"{prefix}self_attn.o_proj.bias": (
-            attn.o_proj.bias if attn.o_proj.bias is not None else attn.o_proj.weight.new_zeros(hidden)
-        ),
+        f"{prefix}self_attn.o_proj.weight": residual * attn.o_proj.weight.double(),
     }
-    if attn.q_proj.bias is None:
-        state[f"{prefix}self_attn.q_proj.weight"] = attn.q_proj.weight
-        return state
-    q = dominant_channel(
-        torch.eye(hidden, dtype=torch.float64), gamma, ds_attn.q_a_layernorm.variance_epsilon, dtype
-    )
-    bounds.append(q["bound"])
-    state.update(
-        {
-            f"{prefix}self_attn.q_a_proj.weight": torch.cat(
-                [q["kappa"] * torch.eye(hidden, dtype=torch.float64), zero_row]
-            ),
-            f"{prefix}self_attn.q_a_proj.bias": torch.cat(
-                [torch.zeros(hidden, dtype=torch.float64), torch.tensor([q["constant"]], dtype=torch.float64)]
-            ),
-            f"{prefix}self_attn.q_a_layernorm.weight": torch.cat(
-                [
-                    torch.full((hidden,), q["norm_weight"], dtype=torch.float64),
-                    torch.tensor([q["constant_weight"]], dtype=torch.float64),
-                ]
-            ),
-            f"{prefix}self_attn.q_b_proj.weight": torch.cat(
-                [attn.q_proj.weight.double().cpu(), attn.q_proj.bias.double().cpu()[:, None]], dim=1
-            ),
-        }
-    )
-    return state

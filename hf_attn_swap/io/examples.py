@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .folders import atomic_output_dir, cache_dir, write_json
+from .folders import add_top_level_rope_theta, atomic_output_dir, cache_dir, write_json
 
 MARKER = "hf_attn_swap_example.json"
 
@@ -95,6 +95,7 @@ def example_model_path(name: str, refresh: bool = False) -> Path:
     example = EXAMPLES[name]
     out = cache_dir() / "models" / example.folder
     if (out / MARKER).is_file() and not refresh:
+        add_top_level_rope_theta(out)  # folders materialised before every save wrote it
         return out
     source = _package_dir(example) / example.relative_path
     if not source.exists():

@@ -112,6 +112,7 @@ def check_output(out: str | Path, src: str | Path | None = None, overwrite: bool
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary folder next to ``out``; on success it is renamed to ``out`` in one step.
 
+    A ``config.json`` written there gets a top-level ``rope_theta`` (``add_top_level_rope_theta``).
     On any exception (or KeyboardInterrupt) the temporary folder is deleted and ``out`` is left as it was. A
     hard kill can leave only ``.<name>.partial-*`` behind, never a half-written ``out``.
     """
@@ -120,6 +121,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        add_top_level_rope_theta(tmp)
         if out.exists():
             if not overwrite:
                 raise FileExistsError(f"output {str(out)!r} appeared while writing; not replacing it")
@@ -132,6 +134,25 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def add_top_level_rope_theta(folder: str | Path) -> bool:
+    """Copy ``rope_parameters["rope_theta"]`` of ``folder/config.json`` to a top-level ``rope_theta`` when missing.
+
+    transformers v5 writes only ``rope_parameters``; older readers (mlx-lm, transformers 4, llama.cpp's converter)
+    read ``rope_theta`` and otherwise fall back to 10 000. transformers v5 still reads ``rope_parameters`` (and
+    drops the copy on load). Returns whether the file changed.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text(encoding="utf-8"))
+    params = config.get("rope_parameters")
+    if "rope_theta" in config or not isinstance(params, dict) or "rope_theta" not in params:
+        return False
+    config["rope_theta"] = params["rope_theta"]
+    write_json(path, config)
+    return True
 
 
 def cache_dir() -> Path:

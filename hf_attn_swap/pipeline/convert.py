@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from ..adapters import get_adapter
+from ..export.deepseek_v3 import check_deepseek_dtype
 from ..io.checkpoints import (
     copy_sentence_transformers_files,
     copy_tokenizer_files,
@@ -30,7 +31,6 @@ from ..methods.gqa import GQA_METHODS, GQAConfig
 from ..methods.mla import LADDER_SELECTIONS, MLAConversionConfig
 from ..methods.mla.convert import (
     convert_to_mla,
-    max_kv_lora_rank,
     mla_kv_bytes_per_token,
     validate_mla_options,
 )
@@ -39,7 +39,7 @@ from ..methods.report import ConversionReport
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-def _check_deepseek_options(opts: MLAConversionConfig, config, layout) -> None:
+def _check_deepseek_options(opts: MLAConversionConfig, config, layout, dtype) -> None:
     problems = []
     if opts.num_rope_key_heads != 1:
         problems.append("--num-rope-key-heads must be 1 (one shared rope key)")
@@ -51,16 +51,19 @@ def _check_deepseek_options(opts: MLAConversionConfig, config, layout) -> None:
         )
     if getattr(config, "mlp_bias", False):
         problems.append("the source has MLP biases")
+    if config.model_type == "qwen2" or getattr(config, "attention_bias", False):
+        problems.append("the source has attention biases (stock DeepSeek attention has none)")
     if problems:
         raise ValueError(
             "deepseek_v3 cannot express this conversion: " + "; ".join(problems) + ". Use --format plugin."
         )
-    rank = opts.kv_lora_rank
-    if not 2 <= rank <= max_kv_lora_rank(layout) + 1:
-        raise ValueError(
-            f"kv_lora_rank={rank} is out of range for --format deepseek_v3: it must be between 2 and "
-            f"{max_kv_lora_rank(layout) + 1} (one latent channel holds the constant that neutralises kv_a_layernorm)"
+    if opts.rope_selection == "low" and (opts.pad_rope_dim or opts.qk_rope_head_dim) < layout.head_dim:
+        raise ValueError(  # the lowest frequencies sit at the end of the source ladder (hf_attn_swap.export)
+            f"--rope-selection low needs --pad-rope-dim {layout.head_dim} (puts the kept frequencies on a plain "
+            "DeepSeek ladder) for --format deepseek_v3; or use --rope-selection high, or --format plugin"
         )
+    saved = dtype if isinstance(dtype, torch.dtype) else parse_dtype(getattr(config, "dtype", None))
+    check_deepseek_dtype(saved if isinstance(saved, torch.dtype) else torch.float32)  # auto: the checkpoint's
 
 
 def convert_mla_checkpoint(
@@ -76,11 +79,9 @@ def convert_mla_checkpoint(
     opts = replace(opts, factorization=opts.resolved_factorization(calibrated=True))
     deepseek = opts.format == "deepseek_v3"
     layout = get_adapter(config).layout(config)
+    validate_mla_options(config, opts)
     if deepseek:
-        _check_deepseek_options(opts, config, layout)
-    # deepseek_v3: one of the kv_lora_rank cached channels is the constant that neutralises kv_a_layernorm
-    latent = replace(opts, kv_lora_rank=opts.kv_lora_rank - 1) if deepseek else opts
-    validate_mla_options(config, latent)
+        _check_deepseek_options(opts, config, layout, dtype)
 
     calibration_inputs, files, tokenizer = None, None, None
     calibration_data = calibration.calibration_data
@@ -105,7 +106,7 @@ def convert_mla_checkpoint(
         calibration_inputs = collect_attention_inputs_from_files(
             model, tokenizer, files, calibration.calibration_tokens, calibration.calibration_window
         )
-    report = convert_to_mla(model, latent, calibration=calibration_inputs)
+    report = convert_to_mla(model, opts, calibration=calibration_inputs)
     report.details.update(
         source=str(src),
         format=opts.format,
@@ -118,12 +119,17 @@ def convert_mla_checkpoint(
     if deepseek:
         from ..export.deepseek_v3 import to_deepseek_v3
 
-        saved, details = to_deepseek_v3(model)
+        saved, details = to_deepseek_v3(model, opts.pad_kv_lora_rank, opts.pad_rope_dim)
         saved.generation_config = copy.deepcopy(model.generation_config)
         report.details["deepseek_v3"] = details
-        report.after["kv_lora_rank"] = opts.kv_lora_rank
+        report.after.update(
+            kv_lora_rank=details["kv_lora_rank"], qk_rope_head_dim=details["qk_rope_head_dim"]
+        )
         report.kv_bytes_per_token_after = mla_kv_bytes_per_token(
-            [opts.kv_lora_rank] * layout.num_layers, opts.qk_rope_head_dim, 1, next(model.parameters()).dtype
+            [details["kv_lora_rank"]] * layout.num_layers,
+            details["qk_rope_head_dim"],
+            1,
+            next(model.parameters()).dtype,
         )
     with atomic_output_dir(out, overwrite=overwrite) as tmp, torch.no_grad():
         saved.save_pretrained(tmp)

@@ -28,11 +28,13 @@ def _optional_int(name: str, value) -> None:
 
 @dataclass
 class MLAConversionConfig:
-    """kv_lora_rank: latent values cached per token and layer (besides the rope key). In ``deepseek_v3`` format
-    one of them is the constant channel that neutralises ``kv_a_layernorm`` (``hf_attn_swap.export``), so the
-    learned latent has kv_lora_rank - 1 dims; the cache is (kv_lora_rank + qk_rope_head_dim) values either way.
-    ``format`` is how ``convert_checkpoint`` saves the result: ``convert_to_mla`` itself always builds the plugin
-    model with a latent of exactly kv_lora_rank (export it with ``hf_attn_swap.export.to_deepseek_v3``)."""
+    """kv_lora_rank: latent values cached per token and layer (besides the rope key), all of them learned in both
+    formats (the ``deepseek_v3`` export neutralises ``kv_a_layernorm`` without a constant channel,
+    ``hf_attn_swap.export``). ``format`` is how ``convert_checkpoint`` saves the result: ``convert_to_mla`` itself
+    always builds the plugin model with a latent of exactly kv_lora_rank (export it with
+    ``hf_attn_swap.export.to_deepseek_v3``). ``pad_kv_lora_rank`` / ``pad_rope_dim`` (``deepseek_v3`` only) write
+    that many latent channels / rope dims, the extra ones exact zeros, to fit fixed-size kernels (vLLM FlashMLA and
+    CPU_MLA: 512 + 64); the cache grows to pad_kv_lora_rank + pad_rope_dim values."""
 
     kv_lora_rank: int | None = field(
         default=None,
@@ -69,6 +71,19 @@ class MLAConversionConfig:
     balance_kv: bool = field(
         default=True, metadata={"help": "scale K against V before factorizing (TransMLA's K/V balancing)"}
     )
+    pad_kv_lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "deepseek_v3: write N >= kv_lora_rank latent channels, the extra ones zero (512: vLLM "
+            "FlashMLA/CPU_MLA; >= 256, multiple of 8: FA3 MLA)"
+        },
+    )
+    pad_rope_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "deepseek_v3: write N >= rope-dim rope dims (even), the extra ones zero (64: vLLM FlashMLA/CPU_MLA)"
+        },
+    )
 
     def __post_init__(self):
         _optional_int("kv_lora_rank", self.kv_lora_rank)
@@ -91,6 +106,21 @@ class MLAConversionConfig:
             raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if not isinstance(self.balance_kv, bool):
             raise ValueError(f"balance_kv must be true or false, got {self.balance_kv!r}")
+        _optional_int("pad_kv_lora_rank", self.pad_kv_lora_rank)
+        _optional_int("pad_rope_dim", self.pad_rope_dim)
+        padded = self.pad_kv_lora_rank is not None or self.pad_rope_dim is not None
+        if padded and self.format != "deepseek_v3":
+            raise ValueError("--pad-kv-lora-rank / --pad-rope-dim only apply to --format deepseek_v3")
+        if self.pad_kv_lora_rank is not None and self.pad_kv_lora_rank < (self.kv_lora_rank or 1):
+            raise ValueError(
+                f"--pad-kv-lora-rank {self.pad_kv_lora_rank} must be at least --kv-lora-rank {self.kv_lora_rank}"
+            )
+        if self.pad_rope_dim is not None and (
+            self.pad_rope_dim % 2 or self.pad_rope_dim < (self.qk_rope_head_dim or 2)
+        ):
+            raise ValueError(
+                f"--pad-rope-dim {self.pad_rope_dim} must be even and at least --rope-dim {self.qk_rope_head_dim}"
+            )
 
     def resolved_factorization(self, calibrated: bool) -> str:
         """The factorization used: the one set, else ``pca`` with calibration activations and ``svd`` without."""
