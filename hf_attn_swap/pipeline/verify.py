@@ -239,11 +239,13 @@ def verify_models(
     vllm_backend: str = "auto",
     logprob_tolerance: float = 1e-2,
     timeout: float | None = None,
+    expected: dict[str, list[dict]] | None = None,
 ) -> dict:
     """Compare ``runtime`` with transformers on each folder of ``models`` (name -> folder), every folder in the
     same driver call per backend (engine start-up is paid once). Returns {runtime, version, passed, rows,
     notes, ...}; each row: {runtime, backend, variant, model, prompts, tokens_equal, first_divergence,
-    max_dlogprob, seconds, counts, passed, error}."""
+    max_dlogprob, seconds, counts, passed, error}. ``expected``: transformers' outputs per model name, when
+    already computed (``reference``) for these prompts (a suite comparing several runtimes pays for them once)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     prompts = list(prompts or DEFAULT_PROMPTS)
@@ -256,7 +258,7 @@ def verify_models(
     if runtime == "sglang":
         return sglang_check(request_models, configs, python_path, max_new_tokens, logprob_tolerance, timeout)
     start = time.perf_counter()
-    expected = reference(request_models, max_new_tokens)
+    expected = expected or reference(request_models, max_new_tokens)
     reference_seconds = round(time.perf_counter() - start, 2)
     result = {
         "runtime": runtime,

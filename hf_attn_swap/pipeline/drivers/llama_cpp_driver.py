@@ -6,7 +6,8 @@
    ``deepseek2.attention.q_lora_rank`` when ``q_lora_rank`` is null, and llama.cpp's ``deepseek2`` loader then
    refuses the file ("key not found") unless the layer count looks like a known lite model; we add the key with
    value 0, which makes the loader build the plain ``wq`` path. The GGUF goes to a temporary folder.
-2. ``llama_cpp.Llama(logits_all=True)``: greedy decoding with its KV cache, log-probs from the float32 logits.
+2. ``llama_cpp.Llama(logits_all=True)``, float32 KV cache: greedy decoding with its KV cache, log-probs from the
+   float32 logits.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+GGML_TYPE_F32 = 0  # ggml_type enum
 Q_LORA_NOTE = (
     "GGUF: deepseek2.attention.q_lora_rank = 0 written (q_lora_rank is null; the converter omits it)"
 )
@@ -79,6 +81,8 @@ def generate(model, max_new_tokens, options):
             n_ctx=max(256, longest),
             n_batch=max(256, longest),
             logits_all=True,
+            type_k=GGML_TYPE_F32,  # llama.cpp caches K/V in float16 by default: float32 like the GGUF
+            type_v=GGML_TYPE_F32,
             n_threads=int(os.environ.get("OMP_NUM_THREADS", "2")),
             seed=0,
             verbose=False,
@@ -97,7 +101,7 @@ def generate(model, max_new_tokens, options):
                 llm.eval([token])
             outputs.append({"tokens": tokens, "logprobs": logprobs})
         del llm
-    return outputs, notes + ["GGUF: convert_hf_to_gguf.py --outtype f32"]
+    return outputs, notes + ["GGUF: convert_hf_to_gguf.py --outtype f32; KV cache float32"]
 
 
 if __name__ == "__main__":

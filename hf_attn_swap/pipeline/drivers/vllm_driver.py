@@ -67,17 +67,20 @@ def generate(model, max_new_tokens, options):
 
     patched = options["variant"] == "patched"
     RotaryEmbedding.forward_cpu = RotaryEmbedding.forward_native if patched else ORIGINAL_FORWARD_CPU
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
     longest = max(len(p) for p in model["prompts"]) + max_new_tokens
-    llm = LLM(
-        model=model["path"],
-        dtype="float32",
-        enforce_eager=True,
-        skip_tokenizer_init=True,
-        max_model_len=max(256, longest),
-        max_num_seqs=len(model["prompts"]),
-        seed=0,
-    )
-    try:
+    llm = None
+    try:  # a failed start leaves the process group half built: clean up so the next model can start
+        llm = LLM(
+            model=model["path"],
+            dtype="float32",
+            enforce_eager=True,
+            skip_tokenizer_init=True,
+            max_model_len=max(256, longest),
+            max_num_seqs=len(model["prompts"]),
+            seed=0,
+        )
         params = SamplingParams(
             temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True, logprobs=1, detokenize=False
         )
@@ -97,9 +100,8 @@ def generate(model, max_new_tokens, options):
     finally:
         del llm
         gc.collect()
+        cleanup_dist_env_and_memory()
     notes = [PATCH_NOTE] if patched else []
-    if os.environ.get("VLLM_MLA_DISABLE") == "1":
-        notes.append("VLLM_MLA_DISABLE=1")
     return outputs, notes
 
 
