@@ -118,6 +118,20 @@ Held-out text: {{ eval_data }}; {{ eval_tokens }} scored tokens in windows of {{
 {{ eval_table }}
 
 {% endif -%}
+{% if serving -%}
+## Serving engines
+
+`hf-attn-swap verify` on this folder: greedy tokens and per-position log-probs of each engine vs transformers \
+(float32, same token ids).
+
+{% for table, notes in serving -%}
+{{ table }}
+
+{% for note in notes -%}
+- {{ note }}
+{% endfor %}
+{% endfor -%}
+{% endif -%}
 ## How to load
 
 {% if stock -%}
@@ -256,9 +270,21 @@ def model_card(folder: str | Path, repo_id: str, eval_json=None, base_model: str
         eval_tokens=first.get("tokens"),
         eval_window=first.get("window"),
         stock=_stock_model_type(config.get("model_type")) and "auto_map" not in config,
+        serving=_serving(folder),
         attn=attn,
     )
     return str(card)
+
+
+def _serving(folder: Path) -> list[tuple[str, list[str]]]:
+    """(markdown table, notes) per runtime of the folder's ``verify.json``, if any."""
+    from .verify import VERIFY_FILE, verify_table
+
+    path = folder / VERIFY_FILE
+    if not path.is_file():
+        return []
+    runtimes = json.loads(path.read_text()).get("runtimes") or {}
+    return [(verify_table(result), result.get("notes") or []) for result in runtimes.values()]
 
 
 def _eval_table(evals: dict | None) -> str | None:

@@ -136,9 +136,11 @@ def tokenize(folder: Path, prompts: list[str]) -> list[list[int]]:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ValueError(
-            f"{str(folder)!r} has no usable tokenizer ({err}); save one into the folder"
+            f"{str(folder)!r} has no usable tokenizer (AutoTokenizer: {first}); save the source model's "
+            "tokenizer files into it"
         ) from None
     return [tokenizer(p)["input_ids"] for p in prompts]
 
