@@ -99,7 +99,7 @@ def main() -> int:
             )  # fmt: skip
             jobs.append(
                 (label, "uniform + pca, stock deepseek_v3 export", "yes",
-                 dict(kv_lora_rank=rank - 1, qk_rope_head_dim=args.rope_dim, rope_selection="uniform", factorization="pca",
+                 dict(kv_lora_rank=rank, qk_rope_head_dim=args.rope_dim, rope_selection="uniform", factorization="pca",
                       calibration=calibration, export=True))
             )  # fmt: skip
     if not args.no_extras:

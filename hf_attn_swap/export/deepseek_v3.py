@@ -288,6 +288,7 @@ def to_deepseek_v3(model: nn.Module, pad_kv_lora_rank: int | None = None, pad_ro
         "source_rms_norm_eps": config.rms_norm_eps,
         "residual_scale": residual,
         "norm_relative_error_bound": max(bounds),
+        "kappa_range": [min(layout["kappa"]), max(layout["kappa"])],
     }
     return ds, details
 
@@ -315,6 +316,7 @@ def attention_state(attn, gamma, prefix: str, layout: dict, residual: float, bou
     kv_a = attn.kv_a_proj_with_mqa.weight.double().cpu()
     norm = linear_regime(kv_a[:r], gamma, rank, layout["eps"], dtype)
     bounds.append(norm["bound"])
+    layout.setdefault("kappa", []).append(norm["kappa"])
 
     # q: per head [nope ; rope] -> [nope ; interleaved, padded rope], times the softmax-scale fold
     q = attn.q_proj.weight.double().cpu().view(heads, d_nope + d_rope, hidden)
