@@ -1,11 +1,13 @@
 """transformers driver (see protocol.py); also the reference ``verify`` computes in its own process (``greedy``).
 
-Greedy decoding by full recompute (no cache: independent of the cache API of the installed version), float32,
-``eager`` attention unless ``options["attn_implementation"]`` says otherwise; log-probs are ``log_softmax`` of the
-float32 logits in float64.
+Greedy decoding with the model's own cache (passed as ``cache=`` from transformers 5.24, ``past_key_values=``
+before), float32, ``eager`` attention unless ``options["attn_implementation"]`` says otherwise; log-probs are
+``log_softmax`` of the float32 logits in float64.
 """
 
 from __future__ import annotations
+
+import inspect
 
 
 def version():
@@ -22,17 +24,20 @@ def greedy(path: str, prompts: list[list[int]], max_new_tokens: int, attn_implem
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation=attn_implementation
     ).eval()
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     outputs = []
     with torch.inference_mode():
         for prompt in prompts:
-            ids = torch.tensor([prompt])
+            step, cache = torch.tensor([prompt]), {}
             tokens, logprobs = [], []
             for _ in range(max_new_tokens):
-                logits = model(input_ids=ids, use_cache=False).logits[0, -1].double()
+                out = model(input_ids=step, use_cache=True, **cache)
+                cache = {name: out[name]}
+                logits = out.logits[0, -1].double()
                 token = int(logits.argmax())
                 tokens.append(token)
                 logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+                step = torch.tensor([[token]])
             outputs.append({"tokens": tokens, "logprobs": logprobs})
     return outputs
 
