@@ -147,3 +147,14 @@ def test_push_card_carries_the_latest_verify_table(tiny, tmp_path):
     assert "- a note" in card and "5.00e-01" not in card
     (folder / verify.VERIFY_FILE).unlink()
     assert "## Serving engines" not in model_card(folder, "me/tiny")
+
+
+def test_a_driver_that_dies_half_way_fails_the_models_it_never_reached(tiny, monkeypatch):
+    def crashed(runtime, python, request, timeout=None):  # wrote its response for no model, then died
+        return {"runtime": runtime, "version": "x", "notes": [], "runs": [], "returncode": -9}
+
+    monkeypatch.setattr(verify, "run_driver", crashed)
+    result = verify.verify_models({"tiny": tiny}, "transformers", max_new_tokens=2, python=sys.executable)
+    (row,) = result["rows"]
+    assert not result["passed"] and not row["passed"]
+    assert row["error"] == "the driver exited with -9 before this model"

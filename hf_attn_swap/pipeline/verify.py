@@ -277,6 +277,12 @@ def verify_models(
     for backend, (options, batch) in calls.items():
         request = {"models": batch, "max_new_tokens": max_new_tokens, "options": options}
         response = run_driver(runtime, python_path, request, timeout)
+        done = {(run["model"], run.get("variant")) for run in response["runs"]}
+        for model in batch:  # a driver that died half-way: the models it never reached are errors, not absent
+            for variant in options.get("variants") or [None]:
+                if (model["name"], variant) not in done:
+                    error = f"the driver exited with {response['returncode']} before this model"
+                    response["runs"].append({"model": model["name"], "variant": variant, "error": error})
         result["version"] = response.get("version")
         result["notes"] += [n for n in response.get("notes", []) if n not in result["notes"]]
         if "rotary_bug" in response:
