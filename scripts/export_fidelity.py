@@ -1,7 +1,8 @@
 """The deepseek_v3 export of SmolLM2-135M (-68.75 % KV: r 72, d_rope 48, high, data-free svd) against the plugin
 model it comes from, plain and padded: max relative logits error on 256 tutorial tokens (float32; bfloat16 against the
-float32 plugin, next to the bfloat16 plugin's own error), greedy tokens of 3 prompts x 32 (bfloat16 export vs
-bfloat16 plugin), the proven latent-norm bound and the KV cache measured in transformers.
+float32 plugin, next to the bfloat16 plugin's own error; mean over positions of the max |delta log-prob|), greedy
+tokens of 3 prompts x 32 (tokens before the first difference: bfloat16 plugin vs float32 plugin, bfloat16 export
+vs bfloat16 plugin), the proven latent-norm bound and the KV cache measured in transformers.
 
     python scripts/export_fidelity.py --json runs/mla/export_fidelity.json
 """
@@ -39,7 +40,20 @@ def relative(a, b):
 
 
 def greedy(model, ids):
-    return model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    return model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)[
+        0, ids.shape[1] :
+    ]
+
+
+def common_prefix(a, b):
+    """Greedy tokens generated before the first difference (32 = all equal)."""
+    diff = (a != b).nonzero()
+    return int(diff[0, 0]) if len(diff) else len(a)
+
+
+def logprob_gap(a, b):
+    """Mean over positions of max |log p_a - log p_b| over the vocabulary (nats)."""
+    return (a.float().log_softmax(-1) - b.float().log_softmax(-1)).abs().amax(-1).mean().item()
 
 
 def main() -> None:
@@ -57,7 +71,20 @@ def main() -> None:
     with torch.no_grad():
         reference = model(input_ids=ids).logits
         plugin_bf16 = relative(low(input_ids=ids).logits, reference)
-        plugin_tokens = [greedy(low, p) for p in prompts]
+        fp32_tokens = [greedy(model, p) for p in prompts]
+        bf16_tokens = [greedy(low, p) for p in prompts]
+        plugin_bf16_logits = low(input_ids=ids).logits
+        print(
+            json.dumps(
+                {
+                    "bf16_plugin_vs_fp32_plugin_greedy_prefix": list(
+                        map(common_prefix, bf16_tokens, fp32_tokens)
+                    ),
+                    "bf16_plugin_vs_fp32_plugin_logprob_gap": logprob_gap(plugin_bf16_logits, reference),
+                }
+            ),
+            flush=True,
+        )
         for pads in [(None, None), (256, 64), (512, 64)]:
             fp32, details = to_deepseek_v3(model, *pads)
             bf16, details_bf16 = to_deepseek_v3(low, *pads)
@@ -68,8 +95,12 @@ def main() -> None:
                 "bf16_relative_logits_error": relative(bf16(input_ids=ids).logits, reference),
                 "bf16_plugin_relative_logits_error": plugin_bf16,
                 "bf16_bound": details_bf16["norm_relative_error_bound"],
-                "bf16_greedy_equal_prompts": sum(
-                    torch.equal(greedy(bf16, p), t) for p, t in zip(prompts, plugin_tokens, strict=True)
+                "bf16_export_vs_bf16_plugin_greedy_prefix": [
+                    common_prefix(greedy(bf16, p), t) for p, t in zip(prompts, bf16_tokens, strict=True)
+                ],
+                "bf16_export_vs_fp32_plugin_logprob_gap": logprob_gap(bf16(input_ids=ids).logits, reference),
+                "bf16_export_vs_bf16_plugin_logprob_gap": logprob_gap(
+                    bf16(input_ids=ids).logits, plugin_bf16_logits
                 ),
                 "kv_bytes_per_token_fp32": measure_kv_cache_bytes_per_token(fp32, ids[:, :16]),
                 "kv_bytes_per_token_bf16": measure_kv_cache_bytes_per_token(bf16, ids[:, :16]),

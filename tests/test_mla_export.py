@@ -22,7 +22,7 @@ from hf_attn_swap.export.deepseek_v3 import (
     linear_regime,
     to_deepseek_v3,
 )
-from hf_attn_swap.io.folders import atomic_output_dir
+from hf_attn_swap.io.folders import add_top_level_rope_theta, atomic_output_dir
 from hf_attn_swap.modeling.compat import cache_kwargs
 from hf_attn_swap.testing import tiny_model
 
@@ -375,6 +375,16 @@ def test_every_written_folder_has_a_top_level_rope_theta(sources, tmp_path):
         assert config["rope_theta"] == config["rope_parameters"]["rope_theta"], name
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name).config
         assert reloaded.rope_parameters == config["rope_parameters"]
+    # folders written before (e.g. a cached example-model): patched once, then left alone
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(
+        json.dumps({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}})
+    )
+    assert (
+        add_top_level_rope_theta(old) and json.loads((old / "config.json").read_text())["rope_theta"] == 5e5
+    )
+    assert not add_top_level_rope_theta(old) and not add_top_level_rope_theta(tmp_path / "missing")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

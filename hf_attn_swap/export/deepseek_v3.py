@@ -22,8 +22,8 @@ within a proven bound:
    stream by s = sqrt(1e-6 / eps_src): embeddings, ``o_proj`` and ``down_proj`` times s, since
    RMSNorm(s x; s^2 eps) = RMSNorm(x; eps) with the same weight. The final norm's output is unchanged, so
    ``lm_head`` is written untied and unscaled (s = 1, i.e. eps_src = 1e-6, changes nothing).
-3. RoPE, interleaved (the layout vLLM, SGLang, llama.cpp and mlx-lm hard-code; ``rope_interleave: true`` for
-   transformers). The plugin's rope dims are rotate-half: kept pair i turns dims (i, i + m), m = d_rope/2. The
+3. RoPE, interleaved (the layout vLLM, llama.cpp and mlx-lm hard-code; ``rope_interleave: true`` for transformers
+   and SGLang). The plugin's rope dims are rotate-half: kept pair i turns dims (i, i + m), m = d_rope/2. The
    export puts them at rows (2(j0+i), 2(j0+i)+1) of q_proj (per head) and of the rope key, on DeepSeek's ladder
    inv_freq_j = theta'^(-2j/d') with d' = the (padded) rope dims: the kept frequencies f_i = f_0 rho^i need
    theta' = rho^(-d'/2) and f_0 = rho^j0 for an integer j0 >= 0 with j0 + m <= d'/2. ``high``/``uniform`` give

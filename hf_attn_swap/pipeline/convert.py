@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from ..adapters import get_adapter
-from ..export.deepseek_v3 import check_deepseek_dtype
+from ..export.deepseek_v3 import check_deepseek_dtype, to_deepseek_v3
 from ..io.checkpoints import (
     copy_sentence_transformers_files,
     copy_tokenizer_files,
@@ -117,8 +117,6 @@ def convert_mla_checkpoint(
     )
     saved = model
     if deepseek:
-        from ..export.deepseek_v3 import to_deepseek_v3
-
         saved, details = to_deepseek_v3(model, opts.pad_kv_lora_rank, opts.pad_rope_dim)
         saved.generation_config = copy.deepcopy(model.generation_config)
         report.details["deepseek_v3"] = details
