@@ -109,15 +109,25 @@ def check_output(out: str | Path, src: str | Path | None = None, overwrite: bool
 
 
 @contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | Path, overwrite: bool = False, resume_key: str | None = None
+) -> Iterator[Path]:
     """Yield a hidden temporary folder next to ``out``; on success it is renamed to ``out`` in one step.
 
     On any exception (or KeyboardInterrupt) the temporary folder is deleted and ``out`` is left as it was. A
     hard kill can leave only ``.<name>.partial-*`` behind, never a half-written ``out``.
+
+    ``resume_key`` (a hash of everything the output depends on): the folder is ``.<name>.partial-<key>``, found
+    again by a rerun with the same key, and kept on failure once it holds something, so a long job killed or
+    interrupted part way continues where it stopped (the caller keeps its progress there).
     """
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    if resume_key is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    else:
+        tmp = out.parent / f".{out.name}.partial-{resume_key}"
+        tmp.mkdir(exist_ok=True)
     try:
         yield tmp
         if out.exists():
@@ -130,7 +140,8 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         else:
             os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if resume_key is None or not any(tmp.iterdir()):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

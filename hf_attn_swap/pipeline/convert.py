@@ -169,6 +169,7 @@ def convert_checkpoint(
     calibration_data=None,
     calibration_tokens: int = CalibrationConfig.calibration_tokens,
     calibration_window: int = CalibrationConfig.calibration_window,
+    calibration_mode: str = CalibrationConfig.calibration_mode,
     calibration_inputs=None,
     dtype: str = "auto",
     overwrite: bool = False,
@@ -190,7 +191,7 @@ def convert_checkpoint(
     from ..methods.gqa import convert_to_gqa, validate_num_key_value_heads
 
     target = _target(to, num_key_value_heads, method, mla)
-    calibration = CalibrationConfig(calibration_data, calibration_tokens, calibration_window)
+    calibration = CalibrationConfig(calibration_data, calibration_tokens, calibration_window, calibration_mode)
     src = check_source(src)
     out = check_output(out, src=src, overwrite=overwrite)
     torch_dtype = parse_dtype(dtype)

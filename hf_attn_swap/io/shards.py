@@ -1,0 +1,175 @@
+"""Safetensors checkpoints read and written a few tensors at a time, for conversions larger than memory.
+
+``CheckpointReader``: the tensors of a checkpoint folder (``model.safetensors`` or the shards named by
+``model.safetensors.index.json``), memory-mapped with ``safe_open``; ``read(names)`` loads only those tensors
+(one decoder layer's), never the whole state dict.
+
+``ShardWriter``: tensors added in order are buffered up to ``max_shard_size`` bytes and written as one shard;
+``finish()`` names the shards ``model-0000i-of-0000N.safetensors`` (``model.safetensors`` when there is one) and
+writes ``model.safetensors.index.json``, as ``save_pretrained`` does. Every flush is a resumable point: the
+writer's own state (``state()``) lists the finished shards, and ``ShardWriter(folder, ..., state=...)`` continues
+from it, deleting whatever a killed run left half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(size: str | int) -> int:
+    """``"500MB"`` / ``"2GiB"`` / ``1000`` -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE.match(str(size))
+        if not match:
+            raise ValueError(f"unreadable size {size!r}: write e.g. 500MB, 2GB or 1GiB")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+    if value < 1:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class CheckpointReader:
+    """The tensors of one checkpoint folder, by name, read lazily from memory-mapped safetensors files."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / SINGLE_FILE).is_file():
+            with safe_open(str(self.folder / SINGLE_FILE), framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+        else:
+            raise FileNotFoundError(
+                f"{str(self.folder)!r} has no {SINGLE_FILE} or {INDEX_FILE}: layer-by-layer conversion reads "
+                "safetensors checkpoints (re-save the model with save_pretrained)"
+            )
+        self.weight_map: dict[str, str] = weight_map
+        self._files: dict[str, object] = {}
+        self._safe_open = safe_open
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def _file(self, name: str):
+        file = self.weight_map[name]
+        if file not in self._files:  # safe_open memory-maps the file; tensors are read only when asked for
+            self._files[file] = self._safe_open(str(self.folder / file), framework="pt")
+        return self._files[file]
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        """The named tensors (each copied out of its memory-mapped file)."""
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise KeyError(f"{str(self.folder)!r} has no tensor(s) {missing[:3]}")
+        return {name: self._file(name).get_tensor(name) for name in names}
+
+    def total_bytes(self) -> int:
+        """Bytes of all the checkpoint's tensor files."""
+        return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+class ShardWriter:
+    """Write tensors into shards of at most ``max_shard_size`` bytes (a larger single tensor gets its own shard)
+    in ``folder``; see the module docstring. ``state``: what ``state()`` returned at a flush, to resume."""
+
+    def __init__(self, folder: str | Path, max_shard_size: int | str, state: dict | None = None):
+        self.folder = Path(folder)
+        self.max_shard_size = parse_size(max_shard_size)
+        self.shards: list[list[str]] = [list(s) for s in (state or {}).get("shards", [])]
+        self.total = int((state or {}).get("total", 0))
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        keep = {self._name(i) for i in range(len(self.shards))}
+        for stale in self.folder.glob("shard-*.safetensors*"):  # a shard a killed run was writing
+            if stale.name not in keep:
+                stale.unlink()
+
+    @staticmethod
+    def _name(i: int) -> str:
+        return f"shard-{i + 1:05d}.safetensors"
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Buffer ``tensors`` (in order); returns True when a full shard was written to disk."""
+        flushed = False
+        for name, tensor in tensors.items():
+            size = tensor_bytes(tensor)
+            if self.pending and self.pending_bytes + size > self.max_shard_size:
+                self.flush()
+                flushed = True
+            self.pending[name] = tensor.detach().to("cpu").contiguous()
+            self.pending_bytes += size
+        if self.pending_bytes >= self.max_shard_size:
+            self.flush()
+            flushed = True
+        return flushed
+
+    def flush(self) -> None:
+        """Write the buffered tensors as the next shard (atomically: a temporary name, then renamed)."""
+        if not self.pending:
+            return
+        from safetensors.torch import save_file
+
+        path = self.folder / self._name(len(self.shards))
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(self.pending, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+        self.shards.append(list(self.pending))
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def state(self) -> dict:
+        """The finished shards (JSON-able): pass it back as ``state`` to continue after a kill."""
+        return {"shards": self.shards, "total": self.total}
+
+    def finish(self) -> list[str]:
+        """Flush, give the shards their final names and write the index; returns the file names."""
+        self.flush()
+        count = len(self.shards)
+        names = (
+            [SINGLE_FILE]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        weight_map = {}
+        for i, (tensors, final) in enumerate(zip(self.shards, names, strict=True)):
+            os.replace(self.folder / self._name(i), self.folder / final)
+            weight_map.update(dict.fromkeys(tensors, final))
+        if count > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def layer_names(names, prefix: str = "model.layers.") -> dict[int, list[str]]:
+    """Tensor names grouped by decoder layer index (``model.layers.<i>.``); names outside layers are left out."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    grouped: dict[int, list[str]] = defaultdict(list)
+    for name in names:
+        match = pattern.match(name)
+        if match:
+            grouped[int(match.group(1))].append(name)
+    return dict(grouped)
