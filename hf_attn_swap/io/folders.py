@@ -118,8 +118,8 @@ def atomic_output_dir(
     hard kill can leave only ``.<name>.partial-*`` behind, never a half-written ``out``.
 
     ``resume_key`` (a hash of everything the output depends on): the folder is ``.<name>.partial-<key>``, found
-    again by a rerun with the same key, and kept on failure once it holds something, so a long job killed or
-    interrupted part way continues where it stopped (the caller keeps its progress there).
+    again by a rerun with the same key, and kept after a hard kill or an interrupt (Ctrl-C) once it holds
+    something, so a long job continues where it stopped (the caller keeps its progress there); an error deletes it.
     """
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,8 +139,8 @@ def atomic_output_dir(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
-        if resume_key is None or not any(tmp.iterdir()):
+    except BaseException as err:
+        if resume_key is None or isinstance(err, Exception) or not any(tmp.iterdir()):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 

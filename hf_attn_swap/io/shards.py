@@ -4,7 +4,8 @@
 ``model.safetensors.index.json``), memory-mapped with ``safe_open``; ``read(names)`` loads only those tensors
 (one decoder layer's), never the whole state dict.
 
-``ShardWriter``: tensors added in order are buffered up to ``max_shard_size`` bytes and written as one shard;
+``ShardWriter``: tensors added in groups (one layer) are buffered and written as one shard before the next group
+would take it past ``max_shard_size`` bytes (a group larger than that is a shard of its own);
 ``finish()`` names the shards ``model-0000i-of-0000N.safetensors`` (``model.safetensors`` when there is one) and
 writes ``model.safetensors.index.json``, as ``save_pretrained`` does. Every flush is a resumable point: the
 writer's own state (``state()``) lists the finished shards, and ``ShardWriter(folder, ..., state=...)`` continues
@@ -47,7 +48,11 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 class CheckpointReader:
-    """The tensors of one checkpoint folder, by name, read lazily from memory-mapped safetensors files."""
+    """The tensors of one checkpoint folder, by name, read from memory-mapped safetensors files.
+
+    Each ``read`` maps the files it needs and unmaps them when done: mapped pages count as resident memory, so
+    keeping every shard mapped would grow the process to the checkpoint's size as its tensors are read.
+    """
 
     def __init__(self, folder: str | Path):
         from safetensors import safe_open
@@ -65,31 +70,90 @@ class CheckpointReader:
                 "safetensors checkpoints (re-save the model with save_pretrained)"
             )
         self.weight_map: dict[str, str] = weight_map
-        self._files: dict[str, object] = {}
-        self._safe_open = safe_open
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
-    def _file(self, name: str):
-        file = self.weight_map[name]
-        if file not in self._files:  # safe_open memory-maps the file; tensors are read only when asked for
-            self._files[file] = self._safe_open(str(self.folder / file), framework="pt")
-        return self._files[file]
-
-    def read(self, names) -> dict[str, torch.Tensor]:
-        """The named tensors (each copied out of its memory-mapped file)."""
+    def _check(self, names) -> None:
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             raise KeyError(f"{str(self.folder)!r} has no tensor(s) {missing[:3]}")
-        return {name: self._file(name).get_tensor(name) for name in names}
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        """The named tensors (each copied out of its file)."""
+        from safetensors import safe_open
+
+        self._check(names)
+        by_file = defaultdict(list)
+        for name in names:
+            by_file[self.weight_map[name]].append(name)
+        out = {}
+        for file, members in by_file.items():
+            with safe_open(str(self.folder / file), framework="pt") as f:
+                out.update({name: f.get_tensor(name) for name in members})
+        return {name: out[name] for name in names}
+
+    def rows(self, name: str, index: torch.Tensor, block: int = 4096) -> torch.Tensor:
+        """``tensor[index]`` for a 2-D tensor (an embedding), reading ``block`` rows at a time."""
+        from safetensors import safe_open
+
+        self._check([name])
+        index = index.long()
+        with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as f:
+            view = f.get_slice(name)
+            count = view.get_shape()[0]
+            parts, positions = [], []
+            for first in range(0, count, block):
+                wanted = ((index >= first) & (index < first + block)).nonzero().flatten()
+                if len(wanted):
+                    chunk = view[first : min(first + block, count)]
+                    parts.append(chunk[index[wanted] - first])
+                    positions.append(wanted)
+        order = torch.cat(positions).argsort()
+        return torch.cat(parts)[order]
 
     def total_bytes(self) -> int:
         """Bytes of all the checkpoint's tensor files."""
         return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
 
     def close(self) -> None:
-        self._files.clear()
+        pass
+
+
+#: safetensors' names of torch dtypes
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None
+) -> None:
+    """Write ``tensors`` as one safetensors file, one tensor's bytes at a time (``safetensors.torch.save_file``
+    first copies every tensor into one bytes buffer: twice the shard in memory)."""
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        size = tensor_bytes(tensor)
+        header[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    if metadata:
+        header = {"__metadata__": metadata, **header}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class ShardWriter:
@@ -112,30 +176,27 @@ class ShardWriter:
     def _name(i: int) -> str:
         return f"shard-{i + 1:05d}.safetensors"
 
-    def add(self, tensors: dict[str, torch.Tensor]) -> bool:
-        """Buffer ``tensors`` (in order); returns True when a full shard was written to disk."""
-        flushed = False
+    def overflows(self, nbytes: int) -> bool:
+        """Whether adding ``nbytes`` more would take the buffered shard past ``max_shard_size`` (flush first)."""
+        return bool(self.pending) and self.pending_bytes + nbytes > self.max_shard_size
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Buffer ``tensors`` (copied to the CPU); the caller flushes (``overflows`` says when)."""
         for name, tensor in tensors.items():
-            size = tensor_bytes(tensor)
-            if self.pending and self.pending_bytes + size > self.max_shard_size:
-                self.flush()
-                flushed = True
             self.pending[name] = tensor.detach().to("cpu").contiguous()
-            self.pending_bytes += size
-        if self.pending_bytes >= self.max_shard_size:
-            self.flush()
-            flushed = True
-        return flushed
+            self.pending_bytes += tensor_bytes(tensor)
+
+    def written(self) -> set[str]:
+        """Names of the tensors already in finished shards."""
+        return {name for shard in self.shards for name in shard}
 
     def flush(self) -> None:
         """Write the buffered tensors as the next shard (atomically: a temporary name, then renamed)."""
         if not self.pending:
             return
-        from safetensors.torch import save_file
-
         path = self.folder / self._name(len(self.shards))
         tmp = path.with_name(path.name + ".tmp")
-        save_file(self.pending, str(tmp), metadata={"format": "pt"})
+        save_safetensors(self.pending, tmp, metadata={"format": "pt"})
         os.replace(tmp, path)
         self.shards.append(list(self.pending))
         self.total += self.pending_bytes

@@ -185,7 +185,7 @@ class CheckpointLayers:
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.num_layers = len(self.skeleton.model.layers)
-        self.rotary = type(self.skeleton.model.rotary_emb)(config=self.config, device=self.device)
+        self.rotary = type(self.skeleton.model.rotary_emb)(config=self.config).to(self.device)
         self.layer_tensors = layer_names(self.reader.keys())
         if sorted(self.layer_tensors) != list(range(self.num_layers)):
             raise ValueError(
@@ -200,8 +200,8 @@ class CheckpointLayers:
         return [n for n in self.reader.keys() if n not in inside]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        weight = self.reader.read([self.embedding_name])[self.embedding_name]
-        return weight[token_ids].to(device=self.device, dtype=self.dtype)
+        rows = self.reader.rows(self.embedding_name, token_ids)  # never the whole table
+        return rows.to(device=self.device, dtype=self.dtype)
 
     def layer(self, idx: int) -> nn.Module:
         prefix = f"model.layers.{idx}."
