@@ -206,3 +206,16 @@ def test_calibration_mode_flag(source, tmp_path):
     name = "model.layers.3.self_attn.kv_b_proj.weight"
     assert not torch.equal(runs["original"][name], runs["sequential"][name])
     assert os.environ.get(KILL_AT_LAYER) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_matches_cpu(source, tmp_path):
+    """--device cuda: the layer forwards run on the GPU; the weights agree with the CPU run to float32 rounding."""
+    src, files = source
+    text = dict(calibration_data=files, calibration_tokens=TOKENS, calibration_window=WINDOW)
+    for device in ("cpu", "cuda"):
+        convert_checkpoint(src, tmp_path / device, TARGETS["mla-plugin"], device=device, **text)
+    cpu = AutoModelForCausalLM.from_pretrained(tmp_path / "cpu").state_dict()
+    cuda = AutoModelForCausalLM.from_pretrained(tmp_path / "cuda").state_dict()
+    for name, tensor in cpu.items():
+        torch.testing.assert_close(cuda[name], tensor, rtol=1e-4, atol=1e-5)

@@ -4,7 +4,7 @@
 ``model.safetensors.index.json``), memory-mapped with ``safe_open``; ``read(names)`` loads only those tensors
 (one decoder layer's), never the whole state dict.
 
-``ShardWriter``: tensors added in groups (one layer) are buffered and written as one shard before the next group
+``ShardWriter``: tensors added in groups (one layer) go to disk at once and make one shard until the next group
 would take it past ``max_shard_size`` bytes (a group larger than that is a shard of its own);
 ``finish()`` names the shards ``model-0000i-of-0000N.safetensors`` (``model.safetensors`` when there is one) and
 writes ``model.safetensors.index.json``, as ``save_pretrained`` does. Every flush is a resumable point: the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -128,17 +129,15 @@ _DTYPE_NAMES = {
 }  # fmt: skip
 
 
-def save_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None
-) -> None:
-    """Write ``tensors`` as one safetensors file, one tensor's bytes at a time (``safetensors.torch.save_file``
-    first copies every tensor into one bytes buffer: twice the shard in memory)."""
+def _header(entries, metadata: dict | None) -> bytes:
+    """The safetensors header (8-byte length + JSON, space-padded to 8 bytes) of tensors stored back to back:
+    ``entries`` = (name, dtype, shape) in file order."""
     header, offset = {}, 0
-    for name, tensor in tensors.items():
-        size = tensor_bytes(tensor)
+    for name, dtype, shape in entries:
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         header[name] = {
-            "dtype": _DTYPE_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
+            "dtype": _DTYPE_NAMES[dtype],
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
@@ -146,44 +145,66 @@ def save_safetensors(
         header = {"__metadata__": metadata, **header}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def _write_bytes(f, tensor: torch.Tensor) -> None:
+    if tensor.numel():
+        f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None
+) -> None:
+    """Write ``tensors`` as one safetensors file, one tensor's bytes at a time (``safetensors.torch.save_file``
+    first copies every tensor into one bytes buffer: twice the shard in memory)."""
     with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
+        f.write(_header([(n, t.dtype, t.shape) for n, t in tensors.items()], metadata))
         for tensor in tensors.values():
-            if tensor.numel():
-                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            _write_bytes(f, tensor)
         f.flush()
         os.fsync(f.fileno())
 
 
 class ShardWriter:
-    """Write tensors into shards of at most ``max_shard_size`` bytes (a larger single tensor gets its own shard)
-    in ``folder``; see the module docstring. ``state``: what ``state()`` returned at a flush, to resume."""
+    """Write tensors into shards of at most ``max_shard_size`` bytes (a larger single group gets its own shard)
+    in ``folder``; see the module docstring. ``state``: what ``state()`` returned at a flush, to resume.
+
+    Added tensors go straight to disk (``shard-<i>.data``, their bytes back to back), so the shard being filled
+    costs no memory; ``flush`` writes the header and copies the bytes after it (in the kernel where it can).
+    """
 
     def __init__(self, folder: str | Path, max_shard_size: int | str, state: dict | None = None):
         self.folder = Path(folder)
         self.max_shard_size = parse_size(max_shard_size)
         self.shards: list[list[str]] = [list(s) for s in (state or {}).get("shards", [])]
         self.total = int((state or {}).get("total", 0))
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: list[tuple[str, torch.dtype, list[int]]] = []
         self.pending_bytes = 0
         keep = {self._name(i) for i in range(len(self.shards))}
-        for stale in self.folder.glob("shard-*.safetensors*"):  # a shard a killed run was writing
+        for stale in self.folder.glob("shard-*"):  # what a killed run was writing
             if stale.name not in keep:
                 stale.unlink()
+        self._data = None
 
     @staticmethod
     def _name(i: int) -> str:
         return f"shard-{i + 1:05d}.safetensors"
 
+    def _data_path(self) -> Path:
+        return self.folder / self._name(len(self.shards)).replace(".safetensors", ".data")
+
     def overflows(self, nbytes: int) -> bool:
-        """Whether adding ``nbytes`` more would take the buffered shard past ``max_shard_size`` (flush first)."""
+        """Whether adding ``nbytes`` more would take the shard past ``max_shard_size`` (flush first)."""
         return bool(self.pending) and self.pending_bytes + nbytes > self.max_shard_size
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Buffer ``tensors`` (copied to the CPU); the caller flushes (``overflows`` says when)."""
+        """Append ``tensors`` to the shard being filled; the caller flushes (``overflows`` says when)."""
+        if self._data is None:
+            self._data = open(self._data_path(), "wb")  # noqa: SIM115 - closed by flush
         for name, tensor in tensors.items():
-            self.pending[name] = tensor.detach().to("cpu").contiguous()
+            _write_bytes(self._data, tensor)
+            self.pending.append((name, tensor.dtype, list(tensor.shape)))
             self.pending_bytes += tensor_bytes(tensor)
 
     def written(self) -> set[str]:
@@ -191,16 +212,25 @@ class ShardWriter:
         return {name for shard in self.shards for name in shard}
 
     def flush(self) -> None:
-        """Write the buffered tensors as the next shard (atomically: a temporary name, then renamed)."""
+        """Write the shard being filled (atomically: a temporary name, then renamed)."""
         if not self.pending:
             return
+        self._data.close()
+        self._data = None
+        data = self._data_path()
         path = self.folder / self._name(len(self.shards))
         tmp = path.with_name(path.name + ".tmp")
-        save_safetensors(self.pending, tmp, metadata={"format": "pt"})
+        with open(tmp, "wb") as out, open(data, "rb") as f:
+            out.write(_header(self.pending, {"format": "pt"}))
+            out.flush()
+            shutil.copyfileobj(f, out, 16 * 2**20)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
-        self.shards.append(list(self.pending))
+        data.unlink()
+        self.shards.append([name for name, _, _ in self.pending])
         self.total += self.pending_bytes
-        self.pending, self.pending_bytes = {}, 0
+        self.pending, self.pending_bytes = [], 0
 
     def state(self) -> dict:
         """The finished shards (JSON-able): pass it back as ``state`` to continue after a kill."""

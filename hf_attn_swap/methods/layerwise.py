@@ -215,6 +215,33 @@ class CheckpointLayers:
         pass
 
 
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def tune_allocator() -> None:
+    """glibc: serve allocations of 1 MiB and more with their own mappings, so every freed layer goes back to the
+    system (by default glibc raises that threshold as large blocks are freed and then keeps them in its heap,
+    where a conversion that allocates and frees each layer's tensors grows by fragmentation). No-op elsewhere."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
+
+
+def release_memory() -> None:
+    """Return the heap's free pages to the system (glibc ``malloc_trim``; no-op elsewhere)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def resident_memory() -> int:
     """Bytes of this process's resident memory now (``/proc/self/statm``; peak ``ru_maxrss`` elsewhere)."""
     try:
@@ -270,6 +297,7 @@ def convert_layers(
         on_layer(idx, layer, following)
         source.release(idx, layer)
         del layer, inputs, key_weights
+        release_memory()
         stream = following
         bar.set_postfix_str(
             f"{time.perf_counter() - began:.1f} s/layer, RSS {resident_memory() / 2**30:.2f} GiB",

@@ -31,7 +31,13 @@ from ..io.shards import ShardWriter, parse_size, tensor_bytes
 from ..io.text import load_token_ids
 from ..methods.calibration import CalibrationConfig, CalibrationText
 from ..methods.gqa import GQAConfig, GQALayers
-from ..methods.layerwise import LAYERWISE_FAMILIES, CheckpointLayers, convert_layers, initial_stream
+from ..methods.layerwise import (
+    LAYERWISE_FAMILIES,
+    CheckpointLayers,
+    convert_layers,
+    initial_stream,
+    tune_allocator,
+)
 from ..methods.mla import MLAConversionConfig, MLALayers
 from ..methods.mla.convert import mla_kv_bytes_per_token
 from ..methods.report import ConversionReport
@@ -142,6 +148,7 @@ def stream_checkpoint(
         "max_shard_size": str(max_shard_size),
     }
     key = resume_key(src, payload)
+    tune_allocator()
     with atomic_output_dir(out, overwrite=overwrite, resume_key=key) as tmp, torch.no_grad():
         state_dir = tmp / STATE_DIR
         state_dir.mkdir(exist_ok=True)
@@ -191,6 +198,7 @@ def stream_checkpoint(
                 checkpoint(idx, inputs["stream"])
             writer.add(tensors)
             inputs["stream"] = following
+            del tensors
 
         if start < source.num_layers:
             convert_layers(source, conversion, text, on_layer, start=start, stream=stream, progress=progress)
