@@ -159,18 +159,22 @@ def main() -> int:
     parser.add_argument("--calibration-tokens", type=int, default=512)
     parser.add_argument("--kv-lora-rank", type=int, default=448, help="MLA latent (the issue's split)")
     parser.add_argument("--rope-dim", type=int, default=64)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
+    parser.add_argument("--reuse", action="store_true", help="reuse a checkpoint already built in --workdir")
     parser.add_argument("--check", action="store_true", help=f"exit 1 unless every peak <= {BOUND:.0%}")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     src = args.workdir / "src"
-    if src.exists():
-        shutil.rmtree(src)
     began = time.perf_counter()
-    size = build_checkpoint(
-        src, args.hidden, args.layers, intermediate=args.intermediate, shard_size=args.shard_size
-    )
+    if args.reuse and (src / INDEX_FILE).is_file():
+        size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    else:
+        if src.exists():
+            shutil.rmtree(src)
+        size = build_checkpoint(
+            src, args.hidden, args.layers, intermediate=args.intermediate, shard_size=args.shard_size
+        )
     print(f"checkpoint: {size / 2**30:.2f} GiB fp32, {args.layers} layers, hidden {args.hidden}, "
           f"{len(list(src.glob('*.safetensors')))} shards (built in {time.perf_counter() - began:.0f} s)")  # fmt: skip
     results = {}
