@@ -138,6 +138,10 @@ def test_reader_reads_layers_and_embedding_rows(source):
     index = torch.tensor([5, 0, 127, 5, 64])
     rows = reader.rows("model.embed_tokens.weight", index, block=16)
     assert torch.equal(rows, state["model.embed_tokens.weight"][index])
+    dtype, shape, blocks = reader.blocks("lm_head.weight", rows=48)
+    blocks = list(blocks)
+    assert (dtype, shape, [len(b) for b in blocks]) == (torch.float32, [128, 64], [48, 48, 32])
+    assert torch.equal(torch.cat(blocks), state["lm_head.weight"])
 
 
 def convert_command(src, out, files, *extra):

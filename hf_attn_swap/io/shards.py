@@ -113,6 +113,26 @@ class CheckpointReader:
         order = torch.cat(positions).argsort()
         return torch.cat(parts)[order]
 
+    def blocks(self, name: str, rows: int = 4096):
+        """(dtype, shape) of tensor ``name`` and an iterator over it in blocks of ``rows`` leading rows: copies a
+        large tensor (an embedding) without holding it whole."""
+        from safetensors import safe_open
+
+        self._check([name])
+        path = str(self.folder / self.weight_map[name])
+        with safe_open(path, framework="pt") as f:
+            view = f.get_slice(name)
+            shape = list(view.get_shape())
+            dtype = f.get_tensor(name).dtype if not shape else view[:1].dtype
+
+        def iterate():
+            with safe_open(path, framework="pt") as f:
+                view = f.get_slice(name)
+                for first in range(0, max(shape[0], 1) if shape else 1, rows):
+                    yield view[first : first + rows] if shape else f.get_tensor(name)
+
+        return dtype, shape, iterate()
+
     def total_bytes(self) -> int:
         """Bytes of all the checkpoint's tensor files."""
         return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
@@ -206,6 +226,21 @@ class ShardWriter:
             _write_bytes(self._data, tensor)
             self.pending.append((name, tensor.dtype, list(tensor.shape)))
             self.pending_bytes += tensor_bytes(tensor)
+
+    def add_blocks(self, name: str, dtype: torch.dtype, shape: list[int], blocks) -> None:
+        """Append one tensor given as consecutive blocks of its leading rows (``CheckpointReader.blocks``)."""
+        if self._data is None:
+            self._data = open(self._data_path(), "wb")  # noqa: SIM115 - closed by flush
+        size = 0
+        for block in blocks:
+            block = block.to(dtype)
+            _write_bytes(self._data, block)
+            size += tensor_bytes(block)
+        expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if size != expected:
+            raise ValueError(f"{name}: the blocks hold {size} bytes, its shape {shape} needs {expected}")
+        self.pending.append((name, dtype, list(shape)))
+        self.pending_bytes += size
 
     def written(self) -> set[str]:
         """Names of the tensors already in finished shards."""

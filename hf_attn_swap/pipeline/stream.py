@@ -4,7 +4,8 @@
 memory-mapped), converts it with the per-layer code of the in-memory API (``MLALayers`` / ``GQALayers`` in
 ``methods.layerwise.convert_layers``, calibration carried from layer to layer), writes its tensors to the output
 shards (``io.shards.ShardWriter``) and frees it; embeddings, final norm and head are copied through at the end.
-Peak memory: one layer (source and converted) + the calibration hidden states (tokens x hidden) + one output shard.
+Peak memory: one layer (source and converted) + its float64 attention math + the calibration hidden states
+(tokens x hidden); output shards fill on disk, and tensors copied through go over in blocks of rows.
 
 Resuming: OUT is written through ``atomic_output_dir(resume_key=...)``, whose hidden folder is named after a hash
 of everything the output depends on (source files, options, text, dtype, device, shard size, versions). Before a
@@ -207,10 +208,11 @@ def stream_checkpoint(
         for name in source.other_tensors():  # embeddings, final norm, head
             if name in written:
                 continue
-            tensor = source.reader.read([name])[name].to(dtype)
-            if writer.overflows(tensor_bytes(tensor)):
+            stored, shape, blocks = source.reader.blocks(name)  # block by block: never the whole table
+            saved = dtype if stored.is_floating_point else stored
+            if writer.overflows(torch.Size(shape).numel() * torch.empty((), dtype=saved).element_size()):
                 checkpoint(source.num_layers, None)
-            writer.add({name: tensor})
+            writer.add_blocks(name, saved, shape, blocks)
         source.reader.close()
 
         report, saved_config = _finish_report(conversion, target, config, dtype, deepseek, bounds)
