@@ -128,6 +128,7 @@ def run_convert(src: Path, out: Path, method: str, tokens: int, shard_size: str,
     return {
         "peak_rss": usage.ru_maxrss * 1024,
         "seconds": seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "output_bytes": written,
         "command": command,
     }
@@ -191,10 +192,12 @@ def main() -> int:
         result = run_convert(src, out, method, args.calibration_tokens, args.shard_size, extra)
         result["fraction"] = result["peak_rss"] / size
         result["seconds_per_layer"] = result["seconds"] / args.layers
+        result["cpu_seconds_per_layer"] = result["cpu_seconds"] / args.layers
         results[method] = result
         ok &= result["fraction"] <= BOUND
         print(f"{method:9s} peak RSS {result['peak_rss'] / 2**30:.2f} GiB = {100 * result['fraction']:.1f} % of the "
-              f"checkpoint; {result['seconds']:.0f} s ({result['seconds_per_layer']:.1f} s/layer); output "
+              f"checkpoint; {result['seconds']:.0f} s ({result['seconds_per_layer']:.1f} s/layer, "
+              f"{result['cpu_seconds_per_layer']:.1f} CPU s/layer); output "
               f"{result['output_bytes'] / 2**30:.2f} GiB")  # fmt: skip
         if not args.keep:
             shutil.rmtree(out)

@@ -25,6 +25,7 @@ from ..io.checkpoints import (
     load_tokenizer,
 )
 from ..io.folders import atomic_output_dir, check_output, check_source, parse_dtype
+from ..io.shards import parse_size
 from ..methods.calibration import CalibrationConfig
 from ..methods.gqa import GQA_METHODS, GQAConfig
 from ..methods.mla import LADDER_SELECTIONS, MLAConversionConfig
@@ -221,6 +222,7 @@ def convert_checkpoint(
     from ..methods.gqa import convert_to_gqa, validate_num_key_value_heads
 
     target = _target(to, num_key_value_heads, method, mla)
+    parse_size(max_shard_size)
     calibration = CalibrationConfig(
         calibration_data, calibration_tokens, calibration_window, calibration_mode
     )
