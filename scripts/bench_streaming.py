@@ -135,19 +135,20 @@ def run_convert(src: Path, out: Path, method: str, tokens: int, shard_size: str,
 
 
 def projected_peak(hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, dtype_bytes, tokens,
-                   shard_bytes, base_bytes) -> int:  # fmt: skip
-    """The memory model of layer-by-layer conversion, in bytes:
-    base (Python, torch, transformers) + source layer + converted layer + float64 attention math (q, k, v, o and
-    the calibration rows [N, hidden+1] with their moment) + calibration hidden states (N x hidden, carried and
-    next) + one output shard (or the largest tensor copied through: the embedding)."""
+                   base_bytes) -> int:  # fmt: skip
+    """The memory model of layer-by-layer conversion, in bytes: base (Python, torch, transformers) + source
+    layer + converted layer + float64 attention math (five copies of q, k, v, o: what the MLA planning holds at
+    its peak, fitted to this bench's measured MLA peak; the calibration rows [N, hidden+1] and their moment) +
+    calibration hidden states (N x hidden float32: carried, next, captured). Output shards fill on
+    disk and copied tensors go over in blocks of 4096 rows (counted)."""
     layer = sum(
         torch.Size(s).numel() for s in layer_shapes(hidden, heads, kv_heads, head_dim, intermediate).values()
     )
     attention = (2 * heads + 2 * kv_heads) * head_dim * hidden
-    math = 8 * (2 * attention + tokens * (hidden + 1) + (hidden + 1) ** 2)
+    math = 8 * (5 * attention + tokens * (hidden + 1) + (hidden + 1) ** 2)
     stream = 3 * tokens * hidden * 4
-    shard = max(shard_bytes, vocab * hidden * dtype_bytes)
-    return int(base_bytes + 2 * layer * dtype_bytes + math + stream + shard)
+    block = 2 * 4096 * hidden * 4
+    return int(base_bytes + 2 * layer * dtype_bytes + math + stream + block)
 
 
 def main() -> int:
@@ -212,11 +213,10 @@ def main() -> int:
     }  # fmt: skip
     base = 0.5 * 2**30
     print(f"\nprojected peak (memory model, base {base / 2**30:.1f} GiB, {args.calibration_tokens} calibration "
-          "tokens, 2 GB output shards):")  # fmt: skip
+          "tokens):")  # fmt: skip
     projections = {}
     for name, shape in shapes.items():
-        shard = parse_size(args.shard_size) if name == "bench" else parse_size("2GB")
-        peak = projected_peak(**shape, tokens=args.calibration_tokens, shard_bytes=shard, base_bytes=base)
+        peak = projected_peak(**shape, tokens=args.calibration_tokens, base_bytes=base)
         layer = sum(
             torch.Size(s).numel()
             for s in layer_shapes(
