@@ -223,10 +223,11 @@ def stream_checkpoint(
             given = text is not None
             report.details.update(
                 calibration_data=[str(f) for f in calibration_files] if given else None,
-                calibration_tokens=calibration.calibration_tokens if given else None,
                 calibration_window=calibration.calibration_window if given else None,
                 calibration_mode=calibration.calibration_mode if given else None,
             )
+            if mla:  # GQA's calibration_tokens: the rows the method saw (GQALayers.report)
+                report.details["calibration_tokens"] = calibration.calibration_tokens if given else None
         writer.finish()
         saved_config.dtype = dtype
         saved_config.save_pretrained(tmp)
