@@ -2,16 +2,26 @@
 
 from .deepseek_v3 import (
     NORM_ERROR_TARGETS,
+    DeepseekV3Plan,
     check_deepseek_dtype,
     check_deepseek_expressible,
+    deepseek_v3_details,
+    deepseek_v3_layer_state,
+    deepseek_v3_outer_scale,
+    deepseek_v3_plan,
     linear_regime,
     to_deepseek_v3,
 )
 
 __all__ = [
     "NORM_ERROR_TARGETS",
+    "DeepseekV3Plan",
     "check_deepseek_dtype",
     "check_deepseek_expressible",
+    "deepseek_v3_details",
+    "deepseek_v3_layer_state",
+    "deepseek_v3_outer_scale",
+    "deepseek_v3_plan",
     "linear_regime",
     "to_deepseek_v3",
 ]

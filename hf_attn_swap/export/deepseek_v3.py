@@ -43,6 +43,7 @@ layer, ``q_lora_rank: null``, ``routed_scaling_factor: 1``, top-level ``rope_the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -223,6 +224,92 @@ def deepseek_v3_config(config, rank: int, rope_dim: int, rope_theta: float, dtyp
     return ds_config
 
 
+@dataclass
+class DeepseekV3Plan:
+    """What the export fixes once for all layers of one plugin model: the stock config, the latent/rope layout
+    (rank, rope_dim, ladder offset, kv_a_layernorm eps, q rope scale) and the residual-stream scale s."""
+
+    config: object
+    layout: dict
+    residual: float
+    source_rms_norm_eps: float
+    latent_rank: int
+    rope_dims_used: int
+
+
+def deepseek_v3_plan(
+    config, dtype: torch.dtype, pad_kv_lora_rank: int | None = None, pad_rope_dim: int | None = None
+) -> DeepseekV3Plan:
+    """Check that the plugin ``config`` (an ``MLAConfig``) has a stock form in ``dtype`` and plan it (one-line
+    ``ValueError`` naming the fix otherwise). Used by ``to_deepseek_v3`` and by the layer-by-layer ``convert``."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    check_deepseek_dtype(dtype)
+    check_deepseek_expressible(config)
+    rank, rope_dim = check_padding(config, pad_kv_lora_rank, pad_rope_dim)
+    ladder = rope_ladder(config, rope_dim)
+    ds_config = deepseek_v3_config(config, rank, rope_dim, ladder["rope_theta"], dtype)
+    with torch.device("meta"):  # only the latent norm's epsilon is read
+        eps = DeepseekV3Attention(ds_config, 0).kv_a_layernorm.variance_epsilon
+    if eps != DEEPSEEK_EPS:
+        raise ValueError(f"this transformers builds kv_a_layernorm with eps {eps}, not {DEEPSEEK_EPS}")
+    layout = {"rank": rank, "rope_dim": rope_dim, "offset": ladder["offset"], "eps": eps}
+    layout["q_rope_scale"] = ladder["attention_scaling"] ** 2
+    return DeepseekV3Plan(
+        config=ds_config,
+        layout=layout,
+        residual=math.sqrt(DEEPSEEK_EPS / config.rms_norm_eps),  # s: RMSNorm(s x; s^2 eps) = RMSNorm(x; eps)
+        source_rms_norm_eps=config.rms_norm_eps,
+        latent_rank=config.layer_kv_lora_rank(0),
+        rope_dims_used=config.qk_rope_head_dim,
+    )
+
+
+def deepseek_v3_outer_scale(name: str, plan: DeepseekV3Plan) -> float:
+    """Factor on a tensor outside the decoder layers: the embeddings write the residual stream (times s); the
+    final norm and ``lm_head`` read its normalised output (unchanged). ``lm_head.weight`` is always written
+    (untied), from the unscaled embeddings when the source ties them."""
+    return plan.residual if name == "model.embed_tokens.weight" else 1.0
+
+
+@torch.no_grad()
+def deepseek_v3_layer_state(layer: nn.Module, idx: int, plan: DeepseekV3Plan) -> tuple[dict, float, float]:
+    """(state-dict entries ``model.layers.<idx>.*`` in float64 where rebuilt, error bound, kappa) of stock decoder
+    layer ``idx`` equal to the plugin ``MLADecoderLayer`` ``layer``. One layer at a time: ``to_deepseek_v3`` and
+    the layer-by-layer ``convert`` both call it."""
+    prefix = f"model.layers.{idx}."
+    state = {}
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        state[f"{prefix}{name}.weight"] = getattr(layer, name).weight
+    for name in ("gate_proj", "up_proj"):
+        state[f"{prefix}mlp.{name}.weight"] = getattr(layer.mlp, name).weight
+    state[f"{prefix}mlp.down_proj.weight"] = plan.residual * layer.mlp.down_proj.weight.double()
+    bounds: list[float] = []
+    kappas = plan.layout.setdefault("kappa", [])
+    state.update(
+        attention_state(layer.self_attn, layer.input_layernorm.weight, prefix, plan.layout, plan.residual, bounds)
+    )
+    return state, bounds[0], kappas[-1]
+
+
+def deepseek_v3_details(plan: DeepseekV3Plan, bounds: list[float], kappas: list[float]) -> dict:
+    """What ``conversion.json`` records of the export (``details["deepseek_v3"]``)."""
+    return {
+        "kv_a_layernorm": "linear regime: latent rows x kappa, norm weight sqrt(eps)/kappa (see hf_attn_swap.export)",
+        "kv_lora_rank": plan.layout["rank"],
+        "latent_rank": plan.latent_rank,
+        "qk_rope_head_dim": plan.layout["rope_dim"],
+        "rope_dims_used": plan.rope_dims_used,
+        "rope_ladder_offset": plan.layout["offset"],
+        "rope_theta": plan.config.rope_theta,
+        "rms_norm_eps": DEEPSEEK_EPS,
+        "source_rms_norm_eps": plan.source_rms_norm_eps,
+        "residual_scale": plan.residual,
+        "norm_relative_error_bound": max(bounds),
+        "kappa_range": [min(kappas), max(kappas)],
+    }
+
+
 @torch.no_grad()
 def to_deepseek_v3(model: nn.Module, pad_kv_lora_rank: int | None = None, pad_rope_dim: int | None = None):
     """A ``DeepseekV3ForCausalLM`` (same dtype and device) computing what the plugin MLA ``model`` computes.
@@ -242,55 +329,27 @@ def to_deepseek_v3(model: nn.Module, pad_kv_lora_rank: int | None = None, pad_ro
         )
     ref = model.lm_head.weight
     dtype = ref.dtype
-    check_deepseek_dtype(dtype)
     check_deepseek_expressible(config, model)
-    rank, rope_dim = check_padding(config, pad_kv_lora_rank, pad_rope_dim)
-    ladder = rope_ladder(config, rope_dim)
-    ds_config = deepseek_v3_config(config, rank, rope_dim, ladder["rope_theta"], dtype)
-    ds = DeepseekV3ForCausalLM(ds_config).to(device=ref.device, dtype=dtype).eval()
-    eps = ds.model.layers[0].self_attn.kv_a_layernorm.variance_epsilon
-    if eps != DEEPSEEK_EPS:
-        raise ValueError(f"this transformers builds kv_a_layernorm with eps {eps}, not {DEEPSEEK_EPS}")
-
-    residual = math.sqrt(DEEPSEEK_EPS / config.rms_norm_eps)  # s: RMSNorm(s x; s^2 eps) = RMSNorm(x; eps)
-    state = {
-        "model.embed_tokens.weight": residual * model.model.embed_tokens.weight.double(),
+    plan = deepseek_v3_plan(config, dtype, pad_kv_lora_rank, pad_rope_dim)
+    ds = DeepseekV3ForCausalLM(plan.config).to(device=ref.device, dtype=dtype).eval()
+    outer = {
+        "model.embed_tokens.weight": model.model.embed_tokens.weight,
         "model.norm.weight": model.model.norm.weight,
         "lm_head.weight": model.lm_head.weight,
     }
-    bounds = []
-    layout = {"rank": rank, "rope_dim": rope_dim, "offset": ladder["offset"], "eps": eps}
-    layout["q_rope_scale"] = ladder["attention_scaling"] ** 2
+    state = {name: deepseek_v3_outer_scale(name, plan) * t.double() for name, t in outer.items()}
+    bounds, kappas = [], []
     for idx, layer in enumerate(model.model.layers):
-        prefix = f"model.layers.{idx}."
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            state[f"{prefix}{name}.weight"] = getattr(layer, name).weight
-        for name in ("gate_proj", "up_proj"):
-            state[f"{prefix}mlp.{name}.weight"] = getattr(layer.mlp, name).weight
-        state[f"{prefix}mlp.down_proj.weight"] = residual * layer.mlp.down_proj.weight.double()
-        state.update(
-            attention_state(layer.self_attn, layer.input_layernorm.weight, prefix, layout, residual, bounds)
-        )
+        layer_state, bound, kappa = deepseek_v3_layer_state(layer, idx, plan)
+        state.update(layer_state)
+        bounds.append(bound)
+        kappas.append(kappa)
     ds.load_state_dict({k: v.detach().to(dtype) for k, v in state.items()}, strict=True)
     ds.config._attn_implementation = (
         "sdpa" if config._attn_implementation == "latent_sdpa" else config._attn_implementation
     )
     ds.generation_config = type(model.generation_config).from_dict(model.generation_config.to_dict())
-    details = {
-        "kv_a_layernorm": "linear regime: latent rows x kappa, norm weight sqrt(eps)/kappa (see hf_attn_swap.export)",
-        "kv_lora_rank": rank,
-        "latent_rank": config.layer_kv_lora_rank(0),
-        "qk_rope_head_dim": rope_dim,
-        "rope_dims_used": config.qk_rope_head_dim,
-        "rope_ladder_offset": ladder["offset"],
-        "rope_theta": ladder["rope_theta"],
-        "rms_norm_eps": DEEPSEEK_EPS,
-        "source_rms_norm_eps": config.rms_norm_eps,
-        "residual_scale": residual,
-        "norm_relative_error_bound": max(bounds),
-        "kappa_range": [min(layout["kappa"]), max(layout["kappa"])],
-    }
-    return ds, details
+    return ds, deepseek_v3_details(plan, bounds, kappas)
 
 
 def interleave_rope(rows: torch.Tensor, rope_dim: int, offset: int) -> torch.Tensor:

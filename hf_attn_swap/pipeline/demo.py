@@ -44,37 +44,38 @@ class DemoConfig:
 
 
 def run_demo(demo: DemoConfig, calibration: CalibrationConfig, data: EvalDataConfig) -> int:
-    from ..io.checkpoints import load_causal_lm, load_tokenizer
+    from ..io.checkpoints import load_tokenizer
     from ..io.examples import example_model_path
 
     methods, kv = demo.method, demo.num_key_value_heads
     src = example_model_path("smollm2")
     workdir = Path(demo.workdir).expanduser()
-    activations, calibration_info = None, None
-    if any(GQA_METHODS[m].needs_calibration for m in methods):  # collected once, shared by the methods
+    files, calibration_info = None, None
+    if any(GQA_METHODS[m].needs_calibration for m in methods):
         from ..io.text import default_train_files, load_token_ids
-        from ..methods.calibration import collect_calibration, require_calibration_files
+        from ..methods.calibration import require_calibration_files
 
         files = require_calibration_files(calibration.calibration_data or default_train_files(), "demo")
         ids = load_token_ids(load_tokenizer(src), files, calibration.calibration_tokens)
-        key_weights = any(GQA_METHODS[m].uses_key_weights for m in methods)
-        activations = collect_calibration(
-            load_causal_lm(src), ids, calibration.calibration_window, key_weights=key_weights
-        )
         calibration_info = {
             "tokens": int(ids.numel()),
             "window": calibration.calibration_window,
+            "mode": calibration.calibration_mode,
             "files": len(files),
             "first_file": str(files[0]),
         }
     models, reports = {"original (3 KV heads)": str(src)}, {}
-    for method in methods:
+    for method in methods:  # layer by layer, each calibrated method on the same text (convert's own path)
         converted = workdir / f"SmolLM2-135M-Instruct-kv{kv}-{method}"
+        text = GQA_METHODS[method].needs_calibration
         reports[method] = convert_checkpoint(
             src,
             converted,
             GQAConfig(kv, method),
-            calibration_inputs=activations if GQA_METHODS[method].needs_calibration else None,
+            calibration_data=[str(f) for f in files] if text else None,
+            calibration_tokens=calibration.calibration_tokens,
+            calibration_window=calibration.calibration_window,
+            calibration_mode=calibration.calibration_mode,
             overwrite=True,
         )
         print(reports[method])
