@@ -32,6 +32,7 @@ from ..methods.mla.convert import (
     convert_to_mla,
     max_kv_lora_rank,
     mla_kv_bytes_per_token,
+    resolve_kv_budget,
     validate_mla_options,
 )
 from ..methods.report import ConversionReport
@@ -67,10 +68,11 @@ def convert_mla_checkpoint(
     src, out, config, dtype, options: MLAConversionConfig, calibration: CalibrationConfig, overwrite: bool
 ) -> ConversionReport:
     """``convert_checkpoint(..., to=options)`` once ``src``/``out``/``dtype`` are checked and ``config`` is read."""
-    opts = options
+    opts = resolve_kv_budget(config, options)
     if opts.kv_lora_rank is None or opts.qk_rope_head_dim is None:
         raise ValueError(
-            "--to mla needs --kv-lora-rank R and --rope-dim D (KV cache: R + D values per token and layer)"
+            "--to mla needs --kv-budget FRACTION|VALUES, or --kv-lora-rank R and --rope-dim D (KV cache: R + D "
+            "values per token and layer)"
         )
     # the pipeline always has calibration text (the library reference by default): an unset factorization is pca
     opts = replace(opts, factorization=opts.resolved_factorization(calibrated=True))
@@ -110,6 +112,7 @@ def convert_mla_checkpoint(
         source=str(src),
         format=opts.format,
         options=asdict(opts),
+        kv_budget=options.kv_budget,
         calibration_data=None if files is None else [str(f) for f in files],
         calibration_tokens=None if files is None else calibration.calibration_tokens,
         calibration_window=None if files is None else calibration.calibration_window,

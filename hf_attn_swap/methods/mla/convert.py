@@ -30,6 +30,7 @@ from ..report import ConversionReport, kv_bytes_per_token, model_dtype
 from .budget import allocate_ranks
 from .config import MLAConversionConfig
 from .factorize import JointKV, joint_kv
+from .freqfold import fold_ladder, freqfold
 from .rope import pair_dims, rope_key_mixing, select_rope_pairs, validate_rope_dim
 
 #: config fields of the Llama-style decoder that every format carries over unchanged
@@ -78,6 +79,14 @@ def _check_int(name: str, value) -> int:
     return value
 
 
+def resolve_kv_budget(config, options: MLAConversionConfig) -> MLAConversionConfig:
+    """``options`` with a ``kv_budget`` split into kv_lora_rank + qk_rope_head_dim for this source model."""
+    if options.kv_budget is None:
+        return options
+    layout = get_adapter(config).layout(config)
+    return options.resolved_split(layout.rope.rotary_dim, 2 * layout.num_key_value_heads * layout.head_dim)
+
+
 def validate_mla_options(config, options: MLAConversionConfig) -> AttentionLayout:
     """What needs the source ``config`` (family, rank and rope-dim ranges, rope keys dividing the KV heads);
     ``options`` checked itself on construction. Raises ``ValueError`` / ``UnsupportedArchitectureError``."""
@@ -114,6 +123,8 @@ def validate_mla_options(config, options: MLAConversionConfig) -> AttentionLayou
             f"this {layout.family} model"
         )
     validate_rope_dim(layout, options.qk_rope_head_dim, options.rope_selection)
+    if options.rope_selection == "freqfold":
+        fold_ladder(layout, options.qk_rope_head_dim, options.rope_fold)
     rope_heads = options.num_rope_key_heads
     kv = layout.num_key_value_heads
     if rope_heads < 1 or kv % rope_heads:
@@ -153,7 +164,7 @@ class _LayerPlan:
 
 
 def _plan_layer(
-    weights, layout, qk_rope_head_dim, rope_selection, factorization, inputs, rope_heads, balance, scales
+    weights, layout, qk_rope_head_dim, rope_selection, factorization, inputs, rope_heads, balance, scales, fold=1
 ):
     h, kv_heads, d = weights.num_attention_heads, weights.num_key_value_heads, layout.head_dim
     hidden = layout.hidden_size
@@ -162,18 +173,21 @@ def _plan_layer(
     # calibration rows [x ; 1] and their second moment E[x x^T] (identity without calibration)
     x = None if inputs is None else with_bias(inputs.double().cpu(), torch.ones(len(inputs), dtype=q.dtype))
     moment = torch.eye(hidden + 1, dtype=q.dtype) if x is None else x.T @ x / len(x)
-    pairs = select_rope_pairs(rope_selection, layout, qk_rope_head_dim, q, k, x)
-    first, second = pair_dims(layout, pairs)
-    m, group = len(pairs), kv_heads // rope_heads
-    u = rope_key_mixing(k, first, second, moment, rope_heads)  # [H_kv, m]
-    rope_of_kv = torch.arange(kv_heads) // group
-    shared = torch.stack([k[:, first], k[:, second]], dim=1) * u[:, None, :, None]  # [H_kv, 2, m, hidden+1]
-    rope_key = shared.view(rope_heads, group, 2 * m, -1).sum(1)  # [n, d_rope, hidden+1]
-    k_nope = k.clone()
-    k_nope[:, first] -= u[..., None] * rope_key[rope_of_kv, :m]
-    k_nope[:, second] -= u[..., None] * rope_key[rope_of_kv, m:]
-    u_q = per_query_head(u, h)
-    q_rope = torch.cat([q[:, first] * u_q[..., None], q[:, second] * u_q[..., None]], dim=1)
+    if rope_selection == "freqfold":
+        q_rope, rope_key, k_nope, pairs = freqfold(q, k, layout, qk_rope_head_dim, fold, moment, rope_heads)
+    else:
+        pairs = select_rope_pairs(rope_selection, layout, qk_rope_head_dim, q, k, x)
+        first, second = pair_dims(layout, pairs)
+        m, group = len(pairs), kv_heads // rope_heads
+        u = rope_key_mixing(k, first, second, moment, rope_heads)  # [H_kv, m]
+        rope_of_kv = torch.arange(kv_heads) // group
+        shared = torch.stack([k[:, first], k[:, second]], dim=1) * u[:, None, :, None]  # [H_kv, 2, m, hidden+1]
+        rope_key = shared.view(rope_heads, group, 2 * m, -1).sum(1)  # [n, d_rope, hidden+1]
+        k_nope = k.clone()
+        k_nope[:, first] -= u[..., None] * rope_key[rope_of_kv, :m]
+        k_nope[:, second] -= u[..., None] * rope_key[rope_of_kv, m:]
+        u_q = per_query_head(u, h)
+        q_rope = torch.cat([q[:, first] * u_q[..., None], q[:, second] * u_q[..., None]], dim=1)
 
     score_fold, nope_fold = scales
     kv = joint_kv(
@@ -277,6 +291,7 @@ def convert_to_mla(
     num_rope_key_heads: int = MLAConversionConfig.num_rope_key_heads,
     rank_allocation: str = MLAConversionConfig.rank_allocation,
     balance_kv: bool = MLAConversionConfig.balance_kv,
+    rope_fold: int = MLAConversionConfig.rope_fold,
 ) -> ConversionReport:
     """Rewrite ``model`` (Llama / Mistral / Qwen2) in place into MLA; returns a report with KV bytes/token.
 
@@ -305,6 +320,7 @@ def convert_to_mla(
         "num_rope_key_heads": num_rope_key_heads,
         "rank_allocation": rank_allocation,
         "balance_kv": balance_kv,
+        "rope_fold": rope_fold,
     }
     if isinstance(kv_lora_rank, MLAConversionConfig):
         given = [k for k, v in loose.items() if v != getattr(MLAConversionConfig, k, None)]
@@ -316,6 +332,7 @@ def convert_to_mla(
     else:
         options = MLAConversionConfig(kv_lora_rank=kv_lora_rank, **loose)
     adapter = get_adapter(model)
+    options = resolve_kv_budget(model.config, options)
     layout = validate_mla_options(model.config, options)
     kv_lora_rank, qk_rope_head_dim = options.kv_lora_rank, options.qk_rope_head_dim
     rope_selection, num_rope_key_heads = options.rope_selection, options.num_rope_key_heads
@@ -363,6 +380,7 @@ def convert_to_mla(
                     num_rope_key_heads,
                     balance_kv,
                     (score_fold, rotary_scale**2),
+                    options.rope_fold,
                 )  # fmt: skip
             )
     max_rank = max_kv_lora_rank(layout)
@@ -405,6 +423,9 @@ def convert_to_mla(
             "factorization": factorization,
             "rank_allocation": rank_allocation,
             "balance_kv": balance_kv,
+            "rope_fold": fold_ladder(layout, qk_rope_head_dim, options.rope_fold)[1]
+            if rope_selection == "freqfold"
+            else None,
             "calibration_rows": None if calibration is None else int(calibration[0].shape[0]),
             "ranks": ranks,
             "rope_pairs": rope_pairs,
