@@ -46,6 +46,8 @@ def _check_deepseek_options(opts: MLAConversionConfig, config, layout) -> None:
         problems.append("--num-rope-key-heads must be 1 (one shared rope key)")
     if opts.rank_allocation != "uniform":
         problems.append("--rank-allocation must be uniform (one kv_lora_rank for all layers)")
+    if opts.rope_selection == "freqfold" and not opts.rope_fold_ladder:
+        problems.append("--rope-fold-ladder must be true (one frequency per rope pair)")
     if opts.rope_selection not in LADDER_SELECTIONS:
         problems.append(
             f"--rope-selection must be one of {', '.join(LADDER_SELECTIONS)} (a DeepSeek frequency ladder)"
@@ -84,7 +86,7 @@ def convert_mla_checkpoint(
     latent = replace(opts, kv_lora_rank=opts.kv_lora_rank - 1) if deepseek else opts
     validate_mla_options(config, latent)
 
-    calibration_inputs, files, tokenizer = None, None, None
+    files, tokenizer = None, None
     calibration_data = calibration.calibration_data
     needs_text = calibration_data or opts.factorization == "pca" or opts.rope_selection == "norm"
     if needs_text:  # before any weight is loaded
@@ -100,14 +102,15 @@ def convert_mla_checkpoint(
         )
     model = load_causal_lm(src, dtype=dtype)
     if needs_text:
-        from ..io.text import default_train_files
-        from ..methods.calibration import collect_attention_inputs_from_files
+        from ..io.text import default_train_files, load_token_ids
+        from ..methods.calibration import require_calibration_files
+        from ..methods.mla.sequential import convert_to_mla_calibrated
 
-        files = calibration_data or default_train_files()
-        calibration_inputs = collect_attention_inputs_from_files(
-            model, tokenizer, files, calibration.calibration_tokens, calibration.calibration_window
-        )
-    report = convert_to_mla(model, latent, calibration=calibration_inputs)
+        files = require_calibration_files(calibration_data or default_train_files())
+        ids = load_token_ids(tokenizer, files, calibration.calibration_tokens)
+        report = convert_to_mla_calibrated(model, latent, ids, calibration.calibration_window)
+    else:
+        report = convert_to_mla(model, latent)
     report.details.update(
         source=str(src),
         format=opts.format,

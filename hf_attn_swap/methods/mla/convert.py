@@ -164,8 +164,9 @@ class _LayerPlan:
 
 
 def _plan_layer(
-    weights, layout, qk_rope_head_dim, rope_selection, factorization, inputs, rope_heads, balance, scales, fold=1
-):
+    weights, layout, qk_rope_head_dim, rope_selection, factorization, inputs, rope_heads, balance, scales,
+    fold=None, fold_ladder=True,
+):  # fmt: skip
     h, kv_heads, d = weights.num_attention_heads, weights.num_key_value_heads, layout.head_dim
     hidden = layout.hidden_size
     q = with_bias(weights.q, weights.q_bias)
@@ -174,7 +175,9 @@ def _plan_layer(
     x = None if inputs is None else with_bias(inputs.double().cpu(), torch.ones(len(inputs), dtype=q.dtype))
     moment = torch.eye(hidden + 1, dtype=q.dtype) if x is None else x.T @ x / len(x)
     if rope_selection == "freqfold":
-        q_rope, rope_key, k_nope, pairs = freqfold(q, k, layout, qk_rope_head_dim, fold, moment, rope_heads)
+        q_rope, rope_key, k_nope, pairs = freqfold(
+            q, k, layout, qk_rope_head_dim, fold, moment, rope_heads, fold_ladder
+        )
     else:
         pairs = select_rope_pairs(rope_selection, layout, qk_rope_head_dim, q, k, x)
         first, second = pair_dims(layout, pairs)
@@ -381,6 +384,7 @@ def convert_to_mla(
                     balance_kv,
                     (score_fold, rotary_scale**2),
                     options.rope_fold,
+                    options.rope_fold_ladder,
                 )  # fmt: skip
             )
     max_rank = max_kv_lora_rank(layout)

@@ -63,13 +63,16 @@ def freqfold(
     fold: int | None,
     moment: torch.Tensor,
     num_rope_key_heads: int = 1,
+    ladder_frequencies: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Fold rotary frequencies into one shared rope key per group of KV heads (module docstring).
 
     q [H, D, hidden + 1], k [H_kv, D, hidden + 1] (bias last column, float64); moment [hidden + 1, hidden + 1] =
     E[x x^T] of inputs with a ones entry. Returns q_rope [H, d_rope, hidden + 1], rope_key [n, d_rope, hidden + 1]
     (rotate-half order: the m real parts, then the m imaginary parts), k_nope [H_kv, D, hidden + 1] (k with the
-    folded components removed from the rotary dims) and the kept ladder pairs.
+    folded components removed from the rotary dims) and the source pair each rope pair turns at: the ladder, or
+    with ``ladder_frequencies=False`` the first pair of its window for all c components of a window (TransMLA's
+    FreqFold; repeated frequencies, plugin format only).
     """
     ladder, fold, comps = fold_ladder(layout, qk_rope_head_dim, fold)
     index = layout.rope.pair_indices()
@@ -108,4 +111,6 @@ def freqfold(
     k_nope = k.clone()
     k_nope[:, first], k_nope[:, second] = residual.real, residual.imag
     real = lambda z: torch.cat([z.real, z.imag], dim=1)  # noqa: E731
+    if not ladder_frequencies:
+        ladder = [fold * (slot // comps) for slot in range(m)]
     return real(q_rope), real(rope_key), k_nope, ladder
