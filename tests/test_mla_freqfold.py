@@ -1,7 +1,6 @@
 """freqfold rope selection: exact where the math says so, ladder and fold validation."""
 
 import copy
-import math
 
 import pytest
 import torch

@@ -64,6 +64,13 @@ class MLAConversionConfig:
             "window's first frequency (false: TransMLA's FreqFold; plugin format)"
         },
     )
+    expected_rotation: bool = field(
+        default=True,
+        metadata={
+            "help": "freqfold with calibration: scale what loses or changes its rotation by its expected rotation "
+            "over the original attention distances (methods.mla.freqfold)"
+        },
+    )
     factorization: str | None = field(
         default=None,
         metadata={
@@ -139,6 +146,8 @@ class MLAConversionConfig:
             )
         if not isinstance(self.input_correction, bool):
             raise ValueError(f"input_correction must be true or false, got {self.input_correction!r}")
+        if not isinstance(self.expected_rotation, bool):
+            raise ValueError(f"expected_rotation must be true or false, got {self.expected_rotation!r}")
         if not isinstance(self.balance_kv, bool):
             raise ValueError(f"balance_kv must be true or false, got {self.balance_kv!r}")
 
