@@ -31,9 +31,9 @@ def test_sequential_order_differs_from_original_and_is_deterministic():
     outputs = {}
     for name, fields in {
         "original": dict(calibration_order="original"),
-        "sequential": dict(input_correction=False),
-        "corrected": dict(),
-        "corrected again": dict(),
+        "sequential": dict(),
+        "corrected": dict(input_correction=True),
+        "corrected again": dict(input_correction=True),
     }.items():
         model = copy.deepcopy(source)
         convert_to_mla_calibrated(model, MLAConversionConfig(12, 4, rope_selection="freqfold", **fields), TOKENS, 48)

@@ -165,29 +165,3 @@ def collect_calibration_from_files(
     ids = load_token_ids(tokenizer, paths, max_tokens)
     return collect_calibration(model, ids, window=window, key_weights=key_weights)
 
-
-@torch.inference_mode()
-def attention_distance_profile(
-    model: nn.Module, token_ids: torch.Tensor, window: int = CalibrationConfig.calibration_window, max_windows: int = 2
-) -> list[torch.Tensor]:
-    """Per layer, w [window] (float64, sums to 1): the attention probability mass at query-key distance
-    d = m - n (n <= m), averaged over heads and queries of up to ``max_windows`` windows of ``token_ids`` (one
-    eager forward each with ``output_attentions``; the attention implementation is restored after)."""
-    implementation = model.config._attn_implementation
-    chunks = windows(token_ids, window)[:max_windows]
-    profiles = None
-    try:
-        model.set_attn_implementation("eager")
-        for chunk in chunks:
-            out = model(input_ids=chunk.unsqueeze(0).to(model.device), use_cache=False, output_attentions=True)
-            length = chunk.numel()
-            position = torch.arange(length)
-            distance = (position[:, None] - position[None, :]).clamp_min(0).flatten()
-            if profiles is None:
-                profiles = [torch.zeros(window, dtype=torch.float64) for _ in out.attentions]
-            for profile, probs in zip(profiles, out.attentions, strict=True):  # [1, H, T, T]
-                mass = probs[0].double().cpu().sum(0).flatten()
-                profile.index_add_(0, distance, mass)
-    finally:
-        model.set_attn_implementation(implementation)
-    return [p / p.sum() for p in profiles]

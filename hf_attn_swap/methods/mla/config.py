@@ -45,7 +45,7 @@ class MLAConversionConfig:
         metadata={"help": "rotary dims kept in the shared rope key (D, even); required for --to mla"},
     )
     rope_selection: str = field(
-        default="high",
+        default="freqfold",
         metadata={
             "help": f"rotary pairs that keep RoPE: {' | '.join(ROPE_SELECTIONS)} (norm: plugin format)"
         },
@@ -62,13 +62,6 @@ class MLAConversionConfig:
         metadata={
             "help": "freqfold: the components of a window turn at distinct ladder frequencies (true) or all at the "
             "window's first frequency (false: TransMLA's FreqFold; plugin format)"
-        },
-    )
-    expected_rotation: bool = field(
-        default=True,
-        metadata={
-            "help": "freqfold with calibration: scale what loses or changes its rotation by its expected rotation "
-            "over the original attention distances (methods.mla.freqfold)"
         },
     )
     factorization: str | None = field(
@@ -98,8 +91,11 @@ class MLAConversionConfig:
         },
     )
     input_correction: bool = field(
-        default=True,
-        metadata={"help": "sequential: refit each layer's q/k/v inputs to the original layer's (least squares)"},
+        default=False,
+        metadata={
+            "help": "sequential: refit each layer's q/k/v to read the converted inputs like the original inputs "
+            "(least squares; measured worse on SmolLM2, off by default)"
+        },
     )
     balance_kv: bool = field(
         default=True, metadata={"help": "scale K against V before factorizing (TransMLA's K/V balancing)"}
@@ -146,8 +142,6 @@ class MLAConversionConfig:
             )
         if not isinstance(self.input_correction, bool):
             raise ValueError(f"input_correction must be true or false, got {self.input_correction!r}")
-        if not isinstance(self.expected_rotation, bool):
-            raise ValueError(f"expected_rotation must be true or false, got {self.expected_rotation!r}")
         if not isinstance(self.balance_kv, bool):
             raise ValueError(f"balance_kv must be true or false, got {self.balance_kv!r}")
 

@@ -165,7 +165,7 @@ class _LayerPlan:
 
 def _plan_layer(
     weights, layout, qk_rope_head_dim, rope_selection, factorization, inputs, rope_heads, balance, scales,
-    fold=None, fold_ladder=True, distances=None,
+    fold=None, fold_ladder=True,
 ):  # fmt: skip
     h, kv_heads, d = weights.num_attention_heads, weights.num_key_value_heads, layout.head_dim
     hidden = layout.hidden_size
@@ -176,7 +176,7 @@ def _plan_layer(
     moment = torch.eye(hidden + 1, dtype=q.dtype) if x is None else x.T @ x / len(x)
     if rope_selection == "freqfold":
         q_rope, rope_key, k_nope, pairs = freqfold(
-            q, k, layout, qk_rope_head_dim, fold, moment, rope_heads, fold_ladder, distances
+            q, k, layout, qk_rope_head_dim, fold, moment, rope_heads, fold_ladder
         )
     else:
         pairs = select_rope_pairs(rope_selection, layout, qk_rope_head_dim, q, k, x)
@@ -295,7 +295,6 @@ def convert_to_mla(
     rank_allocation: str = MLAConversionConfig.rank_allocation,
     balance_kv: bool = MLAConversionConfig.balance_kv,
     rope_fold: int = MLAConversionConfig.rope_fold,
-    attention_distances: list[torch.Tensor] | None = None,
 ) -> ConversionReport:
     """Rewrite ``model`` (Llama / Mistral / Qwen2) in place into MLA; returns a report with KV bytes/token.
 
@@ -313,8 +312,6 @@ def convert_to_mla(
     calibration: per-layer attention inputs [N, hidden] (``hf_attn_swap.methods.calibration.collect_attention_inputs``);
         also used, when given, by the ``norm`` selection and the shared-rope-key mixing.
     num_rope_key_heads: rope keys per layer (1 = DeepSeek's shared key; H_kv keeps RoPE exact).
-    attention_distances: per layer, the original model's attention mass per query-key distance
-        (``calibration.attention_distance_profile``): ``freqfold``'s expected-rotation corrections; None: off.
     KV cache per token and layer afterwards: r_l + num_rope_key_heads * qk_rope_head_dim values.
 
     Raises ``ValueError`` / ``UnsupportedArchitectureError`` before the model is touched.
@@ -389,7 +386,6 @@ def convert_to_mla(
                     (score_fold, rotary_scale**2),
                     options.rope_fold,
                     options.rope_fold_ladder,
-                    None if attention_distances is None else attention_distances[idx],
                 )  # fmt: skip
             )
     max_rank = max_kv_lora_rank(layout)
@@ -432,7 +428,6 @@ def convert_to_mla(
             "factorization": factorization,
             "rank_allocation": rank_allocation,
             "balance_kv": balance_kv,
-            "expected_rotation": attention_distances is not None,
             "rope_fold": fold_ladder(layout, qk_rope_head_dim, options.rope_fold)[1]
             if rope_selection == "freqfold"
             else None,

@@ -19,11 +19,6 @@ Meng et al. 2025, folds neighbours because close frequencies rotate alike). The 
 stays in head g's NoPE key (position-free), paired with the unchanged query dims. F = s, c = 1 and one KV head:
 k' is the ladder pair itself (times a unit complex number), which is exactly the ``uniform`` selection.
 
-Expected rotation (with the attention-distance profile w(d) of the original layer, ``distance_weights``): a slot
-that loses its rotation contributes Re(conj(q) r e^{-i d theta}) at distance d = m - n; the position-free stand-in
-a r with a = E_w[e^{-i d theta}] minimises E_w|e^{-i d theta} - a|^2 (fast pairs average out, a -> 0; slow pairs
-stay, a -> 1). Likewise a neighbour s folded onto frequency theta_t gets b = E_w[e^{-i d (theta_s - theta_t)}] in q'_t.
-
 Complex u (a rotation and scale per slot) commutes with RoPE just like the real mixing of RoRoPE, and keeps at least
 as much energy. Plugin and ``deepseek_v3`` formats: the ladder is the same in every layer.
 """
@@ -69,7 +64,6 @@ def freqfold(
     moment: torch.Tensor,
     num_rope_key_heads: int = 1,
     ladder_frequencies: bool = True,
-    distance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Fold rotary frequencies into one shared rope key per group of KV heads (module docstring).
 
@@ -78,8 +72,7 @@ def freqfold(
     (rotate-half order: the m real parts, then the m imaginary parts), k_nope [H_kv, D, hidden + 1] (k with the
     folded components removed from the rotary dims) and the source pair each rope pair turns at: the ladder, or
     with ``ladder_frequencies=False`` the first pair of its window for all c components of a window (TransMLA's
-    FreqFold; repeated frequencies, plugin format only). distance_weights [T]: the attention mass at query-key
-    distance d (``calibration.attention_distance_profile``) for the expected-rotation corrections (module docstring).
+    FreqFold; repeated frequencies, plugin format only).
     """
     ladder, fold, comps = fold_ladder(layout, qk_rope_head_dim, fold)
     index = layout.rope.pair_indices()
@@ -89,13 +82,6 @@ def freqfold(
     m, windows = len(ladder), len(first) // fold
     wq, wk = _complex_rows(q, first, second), _complex_rows(k, first, second)  # [H, P, cols], [H_kv, P, cols]
     sigma = moment.to(wk.dtype)
-    inv_freq = layout.rope.inv_freq.double()
-    if distance_weights is None:
-        expected = lambda angles: torch.ones_like(angles, dtype=wk.dtype)  # noqa: E731
-    else:
-        d = torch.arange(len(distance_weights), dtype=torch.float64)
-        w = distance_weights.double()
-        expected = lambda angles: (w * torch.exp(-1j * d * angles[..., None])).sum(-1)  # noqa: E731  E_d e^{-i d a}
     rep = ladder if ladder_frequencies else [fold * (slot // comps) for slot in range(m)]
     rope_key = torch.zeros(num_rope_key_heads, m, k.shape[-1], dtype=wk.dtype)
     q_rope = torch.zeros(heads, m, q.shape[-1], dtype=wq.dtype)
@@ -119,15 +105,10 @@ def freqfold(
             slots = window * comps + torch.arange(comps)
             rope_key[rope_head, slots] = keys
             u_g = u.view(comps, group, fold)
-            # b_{t,s} = E_d e^{-i d (theta_s - theta_t)}: slot s turns at its own frequency, its component at t's
-            b = expected(inv_freq[span][None, :] - inv_freq[torch.tensor([rep[i] for i in slots])][:, None])  # [c, F]
             for local, g in enumerate(kv_of.tolist()):
                 residual[g, span] -= u_g[:, local].T @ keys  # k_s - sum_t u_{t,s} k'_t
                 for h in range(g * per_query, (g + 1) * per_query):
-                    # q'_t = sum_s conj(u_{t,s} b_{t,s}) q_s
-                    q_rope[h, slots] = (u_g[:, local] * b).conj() @ wq[h, span]
-    # the residual loses its rotation: scaled by a_s = E_d e^{-i d theta_s}, its least-squares stand-in
-    residual = residual * expected(inv_freq)[None, :, None]
+                    q_rope[h, slots] = u_g[:, local].conj() @ wq[h, span]  # q'_t = sum_s conj(u_{t,s}) q_s
     k_nope = k.clone()
     k_nope[:, first], k_nope[:, second] = residual.real, residual.imag
     real = lambda z: torch.cat([z.real, z.imag], dim=1)  # noqa: E731

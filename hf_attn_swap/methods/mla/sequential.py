@@ -110,31 +110,21 @@ def convert_to_mla_calibrated(
     (``calibration_order``: ``sequential`` with the input correction when ``input_correction``, or ``original``:
     every layer on the unconverted model's activations). original: those activations when already collected
     (``collect_attention_inputs(model, token_ids, window)``). Returns the conversion report."""
-    from ..calibration import attention_distance_profile, collect_attention_inputs
+    from ..calibration import collect_attention_inputs
     from .convert import convert_to_mla, resolve_kv_budget
 
     options = resolve_kv_budget(model.config, options)
-    distances = None
-    if options.rope_selection == "freqfold" and options.expected_rotation:
-        distances = attention_distance_profile(model, token_ids, window)
     if original is None:
         original = collect_attention_inputs(model, token_ids, window=window)
     if options.calibration_order == "original":
-        return convert_to_mla(model, options, calibration=original, attention_distances=distances)
-    layer = {"idx": 0}
-
-    def convert_layer(single, rows):
-        profile = None if distances is None else [distances[layer["idx"]]]
-        layer["idx"] += 1
-        convert_to_mla(single, copy.deepcopy(options), calibration=rows, attention_distances=profile)
-
+        return convert_to_mla(model, options, calibration=original)
     inputs = sequential_calibration(
         model,
-        convert_layer,
+        lambda single, rows: convert_to_mla(single, copy.deepcopy(options), calibration=rows),
         token_ids,
         window,
         targets=original if options.input_correction else None,
     )
-    report = convert_to_mla(model, options, calibration=inputs, attention_distances=distances)
+    report = convert_to_mla(model, options, calibration=inputs)
     report.details.update(calibration_order="sequential", input_correction=options.input_correction)
     return report
