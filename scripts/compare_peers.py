@@ -40,10 +40,9 @@ from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer  # noqa: 
 from hf_attn_swap.io.examples import example_model_path  # noqa: E402
 from hf_attn_swap.io.folders import machine_info, write_json  # noqa: E402
 from hf_attn_swap.io.text import default_eval_files, default_train_files, load_token_ids, windows  # noqa: E402
-from hf_attn_swap.methods.calibration import collect_attention_inputs  # noqa: E402
+from hf_attn_swap.methods.calibration import CalibrationText, collect_attention_inputs  # noqa: E402
 from hf_attn_swap.methods.mla import MLAConversionConfig  # noqa: E402
 from hf_attn_swap.methods.mla.convert import max_kv_lora_rank, resolve_kv_budget  # noqa: E402
-from hf_attn_swap.methods.mla.sequential import convert_to_mla_calibrated  # noqa: E402
 
 BUDGETS = ("0.5", "0.3125", "0.125")
 METHODS = ("MHA2MLA (reimpl.)", "TransMLA (reimpl.)", "this project (default)")
@@ -76,7 +75,7 @@ def attention_inputs(model, token_ids, window):
 def mha2mla(original, split, calibration, calib_ids, window):
     model = copy.deepcopy(original)
     options = replace(split, rope_selection="norm", factorization="svd", balance_kv=False, format="plugin")
-    convert_to_mla(model, replace(options, calibration_order="original"), calibration=calibration)
+    convert_to_mla(model, options, calibration=calibration)
     return model
 
 
@@ -84,7 +83,7 @@ def transmla(original, split, calibration, calib_ids, window):
     step = original.config.head_dim // split.qk_rope_head_dim
     options = replace(
         split, rope_selection="freqfold", rope_fold=min(2 * step, original.config.head_dim // 2),
-        rope_fold_ladder=False, factorization="pca", balance_kv=True, format="plugin", calibration_order="original",
+        rope_fold_ladder=False, factorization="pca", balance_kv=True, format="plugin",
     )  # fmt: skip
     from hf_attn_swap.adapters import get_adapter
 
@@ -103,7 +102,7 @@ def ours(original, split, calibration, calib_ids, window):
     model = copy.deepcopy(original)
     # deepseek_v3: one of the r cached values is the constant channel
     latent = replace(split, kv_lora_rank=split.kv_lora_rank - 1)
-    convert_to_mla_calibrated(model, latent, calib_ids, window, original=calibration)
+    convert_to_mla(model, latent, calibration=CalibrationText(calib_ids, window, "sequential"))
     return model
 
 

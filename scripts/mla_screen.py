@@ -1,8 +1,8 @@
 """Screening runs for MLA conversion options on the packaged SmolLM2-135M (developer tool; the README figures come
 from scripts/compare_peers.py).
 
-Each variant is a JSON dict of MLAConversionConfig fields (``calibration_order``, ``input_correction`` included),
-converted by ``convert_to_mla_calibrated``. Calibration activations of the original model are cached under --cache.
+Each variant is a JSON dict of MLAConversionConfig fields plus ``calibration_mode`` (``sequential``, the default, or
+``original``). Calibration activations of the original model are cached under --cache.
 
     OMP_NUM_THREADS=1 python scripts/mla_screen.py --eval-tokens 2048 \
         --variant '{"kv_lora_rank": 88, "qk_rope_head_dim": 32, "rope_selection": "freqfold", "rope_fold": 2}'
@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hf_attn_swap
 
+from hf_attn_swap import convert_to_mla  # noqa: E402
 from hf_attn_swap.evaluate.metrics import evaluate_models  # noqa: E402
 from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer  # noqa: E402
 from hf_attn_swap.io.examples import example_model_path  # noqa: E402
 from hf_attn_swap.io.text import default_eval_files, default_train_files, load_token_ids  # noqa: E402
-from hf_attn_swap.methods.calibration import collect_attention_inputs  # noqa: E402
+from hf_attn_swap.methods.calibration import CalibrationText, collect_attention_inputs  # noqa: E402
 from hf_attn_swap.methods.mla import MLAConversionConfig  # noqa: E402
-from hf_attn_swap.methods.mla.sequential import convert_to_mla_calibrated  # noqa: E402
 
 
 def main():
@@ -58,10 +58,12 @@ def main():
     models, rows = {}, []
     for text in args.variant:
         spec = json.loads(text)
+        mode = spec.pop("calibration_mode", "sequential")
         options = MLAConversionConfig(**spec)
         started = time.time()
         model = copy.deepcopy(original)
-        convert_to_mla_calibrated(model, options, calib_ids, 512, original=calibration)
+        text = calibration if mode == "original" else CalibrationText(calib_ids, 512, mode)
+        convert_to_mla(model, options, calibration=text)
         print(f"{text}: converted in {time.time() - started:.0f} s", flush=True)
         models[text] = model
     results = evaluate_models(models, eval_ids, window=1024, reference=original, progress=False)

@@ -110,34 +110,43 @@ def test_existing_output_needs_overwrite(saved_tiny, tmp_path):
 
 
 def test_failure_while_saving_leaves_no_output(saved_tiny, tmp_path, monkeypatch):
-    from transformers import PreTrainedModel
+    """An error while writing leaves nothing; an interrupt (Ctrl-C) leaves only the hidden folder a rerun resumes
+    from (layer-by-layer conversion), never a partial OUT."""
+    from hf_attn_swap.io import shards
 
     src = saved_tiny("llama")
     digest = tree_digest(src)
+    real_finish = shards.ShardWriter.finish
+    for error in (OSError("disk full"), KeyboardInterrupt()):
 
-    def broken_save(self, folder, **kwargs):
-        (folder / "model.safetensors").write_bytes(b"half")
-        raise KeyboardInterrupt
+        def broken_finish(self, error=error):
+            (self.folder / "model.safetensors").write_bytes(b"half")
+            raise error
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken_save)
-    with pytest.raises(KeyboardInterrupt):
-        convert_checkpoint(src, tmp_path / "out", num_key_value_heads=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
-    assert tree_digest(src) == digest
+        monkeypatch.setattr(shards.ShardWriter, "finish", broken_finish)
+        with pytest.raises(type(error)):
+            convert_checkpoint(src, tmp_path / "out", num_key_value_heads=2)
+        assert not (tmp_path / "out").exists() and tree_digest(src) == digest
+    partial = [p.name for p in tmp_path.iterdir() if p.name != "src"]
+    assert len(partial) == 1 and partial[0].startswith(".out.partial-")
+    monkeypatch.setattr(shards.ShardWriter, "finish", real_finish)
+    convert_checkpoint(src, tmp_path / "out", num_key_value_heads=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 KILLED_WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from transformers import PreTrainedModel
+    from hf_attn_swap.io.shards import ShardWriter
     from hf_attn_swap.pipeline.convert import convert_checkpoint
-    real_save = PreTrainedModel.save_pretrained
-    def slow_save(self, folder, **kwargs):
-        real_save(self, folder, **kwargs)
+    real_finish = ShardWriter.finish
+    def slow_finish(self):
+        names = real_finish(self)
         Path(sys.argv[3]).write_text("saved")  # weights are on disk, the rest is not
         time.sleep(60)
-    PreTrainedModel.save_pretrained = slow_save
+        return names
+    ShardWriter.finish = slow_finish
     convert_checkpoint(sys.argv[1], sys.argv[2], num_key_value_heads=2)
     """
 )

@@ -97,3 +97,17 @@ def test_kv_budget_converts_to_the_budget_and_records_the_split():
     assert report.after["qk_rope_head_dim"] == 8
     with pytest.raises(ValueError, match="not both"):
         MLAConversionConfig(kv_budget="0.5", kv_lora_rank=8)
+
+
+def test_freqfold_with_sequential_calibration_is_deterministic_and_differs_from_original_order():
+    from hf_attn_swap.methods.calibration import CalibrationText
+
+    source = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
+    tokens = torch.arange(3, 99) % 128
+    outputs = []
+    for mode in ("sequential", "sequential", "original"):
+        model = copy.deepcopy(source)
+        convert_to_mla(model, MLAConversionConfig(kv_budget="0.25"), calibration=CalibrationText(tokens, 48, mode))
+        outputs.append(logits(model, IDS))
+    assert torch.equal(outputs[0], outputs[1])
+    assert (outputs[0] - outputs[2]).abs().max().item() > 1e-5

@@ -145,6 +145,46 @@ def deepseek_v3_config(config, rope_parameters: dict, q_lora: bool, dtype: torch
     )
 
 
+def deepseek_v3_model_config(config, dtype: torch.dtype):
+    """(``DeepseekV3Config``, rope parameters) of the stock model equal to the plugin ``config`` (an ``MLAConfig``)."""
+    check_deepseek_expressible(config)
+    rope = deepseek_rope_parameters(config)
+    return deepseek_v3_config(config, rope, bool(config.q_proj_bias), dtype), rope
+
+
+@torch.no_grad()
+def deepseek_v3_layer_state(layer: nn.Module, idx: int, ds_config) -> tuple[dict, list[float]]:
+    """The state-dict entries (``model.layers.<idx>.*``, float64 for the rebuilt attention tensors) of stock
+    decoder layer ``idx`` equal to the plugin ``MLADecoderLayer`` ``layer``, and the norm-trick error bounds.
+    One layer at a time: ``to_deepseek_v3`` and the layer-by-layer ``convert`` both call it."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    with torch.device("meta"):  # only its norms' epsilons are read
+        ds_attn = DeepseekV3Attention(ds_config, idx)
+    prefix = f"model.layers.{idx}."
+    state = {
+        f"{prefix}{name}.weight": getattr(layer, name).weight
+        for name in ("input_layernorm", "post_attention_layernorm")
+    }
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        state[f"{prefix}mlp.{name}.weight"] = getattr(layer.mlp, name).weight
+    bounds: list[float] = []
+    state.update(_attention_state(layer.self_attn, layer.input_layernorm.weight, ds_attn, prefix, bounds))
+    return state, bounds
+
+
+def deepseek_v3_details(ds_config, rope: dict, bounds: list[float]) -> dict:
+    """What ``conversion.json`` records of the export (``details["deepseek_v3"]``)."""
+    return {
+        "kv_a_layernorm": "constant latent channel (see hf_attn_swap.export)",
+        "kv_lora_rank": ds_config.kv_lora_rank,
+        "latent_rank": ds_config.kv_lora_rank - 1,
+        "q_lora_rank": ds_config.q_lora_rank,
+        "norm_relative_error_bound": max(bounds),
+        "rope_parameters": rope,
+    }
+
+
 @torch.no_grad()
 def to_deepseek_v3(model: nn.Module):
     """A ``DeepseekV3ForCausalLM`` (same dtype and device) computing what the plugin MLA ``model`` computes.
@@ -160,12 +200,9 @@ def to_deepseek_v3(model: nn.Module):
         raise ValueError(
             f"to_deepseek_v3 needs a converted MLA model (hf_attn_swap.convert_to_mla), got {config.model_type!r}"
         )
-    check_deepseek_expressible(config)
     ref = model.lm_head.weight
     dtype = ref.dtype
-    rope = deepseek_rope_parameters(config)
-    q_lora = bool(config.q_proj_bias)
-    ds_config = deepseek_v3_config(config, rope, q_lora, dtype)
+    ds_config, rope = deepseek_v3_model_config(config, dtype)
     ds = DeepseekV3ForCausalLM(ds_config).to(device=ref.device, dtype=dtype).eval()
 
     state = {
@@ -175,29 +212,14 @@ def to_deepseek_v3(model: nn.Module):
     state["lm_head.weight"] = model.lm_head.weight
     bounds = []
     for idx, layer in enumerate(model.model.layers):
-        prefix, attn = f"model.layers.{idx}.", layer.self_attn
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            state[f"{prefix}{name}.weight"] = getattr(layer, name).weight
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            state[f"{prefix}mlp.{name}.weight"] = getattr(layer.mlp, name).weight
-        state.update(
-            _attention_state(
-                attn, layer.input_layernorm.weight, ds.model.layers[idx].self_attn, prefix, bounds
-            )
-        )
+        layer_state, layer_bounds = deepseek_v3_layer_state(layer, idx, ds_config)
+        state.update(layer_state)
+        bounds += layer_bounds
     ds.load_state_dict({k: v.detach().to(dtype) for k, v in state.items()}, strict=True)
     ds.config._attn_implementation = (
         "sdpa" if config._attn_implementation == "latent_sdpa" else config._attn_implementation
     )
-    details = {
-        "kv_a_layernorm": "constant latent channel (see hf_attn_swap.export)",
-        "kv_lora_rank": ds_config.kv_lora_rank,
-        "latent_rank": ds_config.kv_lora_rank - 1,
-        "q_lora_rank": ds_config.q_lora_rank,
-        "norm_relative_error_bound": max(bounds),
-        "rope_parameters": rope,
-    }
-    return ds, details
+    return ds, deepseek_v3_details(ds_config, rope, bounds)
 
 
 def _attention_state(attn, gamma, ds_attn, prefix: str, bounds: list) -> dict:

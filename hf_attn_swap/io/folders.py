@@ -109,15 +109,25 @@ def check_output(out: str | Path, src: str | Path | None = None, overwrite: bool
 
 
 @contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | Path, overwrite: bool = False, resume_key: str | None = None
+) -> Iterator[Path]:
     """Yield a hidden temporary folder next to ``out``; on success it is renamed to ``out`` in one step.
 
     On any exception (or KeyboardInterrupt) the temporary folder is deleted and ``out`` is left as it was. A
     hard kill can leave only ``.<name>.partial-*`` behind, never a half-written ``out``.
+
+    ``resume_key`` (a hash of everything the output depends on): the folder is ``.<name>.partial-<key>``, found
+    again by a rerun with the same key, and kept after a hard kill or an interrupt (Ctrl-C) once it holds
+    something, so a long job continues where it stopped (the caller keeps its progress there); an error deletes it.
     """
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    if resume_key is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    else:
+        tmp = out.parent / f".{out.name}.partial-{resume_key}"
+        tmp.mkdir(exist_ok=True)
     try:
         yield tmp
         if out.exists():
@@ -129,8 +139,9 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if resume_key is None or isinstance(err, Exception) or not any(tmp.iterdir()):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

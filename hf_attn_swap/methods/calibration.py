@@ -1,8 +1,10 @@
 """Calibration activations: what each attention layer actually sees on real text.
 
 Activation-aware methods (GQA grouping/fitting, MLA PCA/whitened SVD) need, per layer, the hidden states that
-enter the attention module (after the layer's input norm). They are captured with forward pre-hooks during
-ordinary forwards of the unmodified model.
+enter the attention module (after the layer's input norm). They are captured with forward pre-hooks, either during
+ordinary forwards of the unmodified model (``collect_calibration``: every layer sees the original model's
+activations), or layer by layer while converting (``CalibrationText`` with ``hf_attn_swap.methods.layerwise``:
+``sequential`` mode calibrates layer l on the outputs of the already-converted layers 0..l-1).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..io.text import load_token_ids, resolve_text_files, windows
+
+#: where layer l's calibration inputs come from (see the module docstring)
+CALIBRATION_MODES = ("sequential", "original")
 
 
 @dataclass
@@ -37,8 +42,19 @@ class CalibrationConfig:
     calibration_window: int = field(
         default=512, metadata={"help": "tokens per forward while collecting calibration activations"}
     )
+    calibration_mode: str = field(
+        default="sequential",
+        metadata={
+            "help": "sequential: layer l is calibrated on the outputs of the already-converted layers 0..l-1; "
+            "original: on the unmodified model's activations"
+        },
+    )
 
     def __post_init__(self):
+        if self.calibration_mode not in CALIBRATION_MODES:
+            raise ValueError(
+                f"unknown calibration mode {self.calibration_mode!r}; choose one of {', '.join(CALIBRATION_MODES)}"
+            )
         if isinstance(self.calibration_data, (str, Path)):
             self.calibration_data = [str(self.calibration_data)]
         for name in ("calibration_tokens", "calibration_window"):
@@ -58,6 +74,28 @@ class Calibration:
 
     inputs: list[torch.Tensor]
     key_weights: list[torch.Tensor] | None = None
+
+
+@dataclass
+class CalibrationText:
+    """Calibration for a layer-by-layer conversion: the text itself, run through the layers as they are converted.
+
+    token_ids: [N] calibration tokens, cut into forwards of ``window`` tokens (``io.text.windows``).
+    mode: ``sequential`` (layer l sees the outputs of the converted layers 0..l-1) or ``original`` (the
+        unmodified layers' outputs: the same inputs ``collect_calibration`` records).
+    """
+
+    token_ids: torch.Tensor
+    window: int = CalibrationConfig.calibration_window
+    mode: str = "sequential"
+
+    def __post_init__(self):
+        if self.mode not in CALIBRATION_MODES:
+            raise ValueError(
+                f"unknown calibration mode {self.mode!r}; choose one of {', '.join(CALIBRATION_MODES)}"
+            )
+        if self.token_ids.ndim != 1 or len(self.token_ids) == 0:
+            raise ValueError("token_ids must be a non-empty 1-D tensor of token ids")
 
 
 @torch.inference_mode()

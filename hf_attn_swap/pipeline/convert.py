@@ -36,6 +36,7 @@ from ..methods.mla.convert import (
     validate_mla_options,
 )
 from ..methods.report import ConversionReport
+from .stream import DEFAULT_MAX_SHARD_SIZE, stream_checkpoint, streaming_refusal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -67,9 +68,20 @@ def _check_deepseek_options(opts: MLAConversionConfig, config, layout) -> None:
 
 
 def convert_mla_checkpoint(
-    src, out, config, dtype, options: MLAConversionConfig, calibration: CalibrationConfig, overwrite: bool
+    src,
+    out,
+    config,
+    dtype,
+    options: MLAConversionConfig,
+    calibration: CalibrationConfig,
+    overwrite: bool,
+    device: str = "cpu",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = False,
 ) -> ConversionReport:
-    """``convert_checkpoint(..., to=options)`` once ``src``/``out``/``dtype`` are checked and ``config`` is read."""
+    """``convert_checkpoint(..., to=options)`` once ``src``/``out``/``dtype`` are checked and ``config`` is read:
+    layer by layer (``stream_checkpoint``) where ``streaming_refusal`` has no objection, else in memory. A
+    ``kv_budget`` is split into kv_lora_rank + qk_rope_head_dim first (recorded in ``details.options``)."""
     opts = resolve_kv_budget(config, options)
     if opts.kv_lora_rank is None or opts.qk_rope_head_dim is None:
         raise ValueError(
@@ -86,7 +98,7 @@ def convert_mla_checkpoint(
     latent = replace(opts, kv_lora_rank=opts.kv_lora_rank - 1) if deepseek else opts
     validate_mla_options(config, latent)
 
-    files, tokenizer = None, None
+    calibration_inputs, files, tokenizer = None, None, None
     calibration_data = calibration.calibration_data
     needs_text = calibration_data or opts.factorization == "pca" or opts.rope_selection == "norm"
     if needs_text:  # before any weight is loaded
@@ -100,25 +112,32 @@ def convert_mla_checkpoint(
             + (" and another --rope-selection" if opts.rope_selection == "norm" else "")
             + (" without --calibration-data" if calibration_data else ""),
         )
-    model = load_causal_lm(src, dtype=dtype)
     if needs_text:
-        from ..io.text import default_train_files, load_token_ids
-        from ..methods.calibration import require_calibration_files
-        from ..methods.mla.sequential import convert_to_mla_calibrated
+        from ..io.text import default_train_files
 
-        files = require_calibration_files(calibration_data or default_train_files())
-        ids = load_token_ids(tokenizer, files, calibration.calibration_tokens)
-        report = convert_to_mla_calibrated(model, latent, ids, calibration.calibration_window)
-    else:
-        report = convert_to_mla(model, latent)
+        files = calibration_data or default_train_files()
+    if streaming_refusal(config, src, opts) is None:
+        return stream_checkpoint(
+            src, out, config, latent, calibration, tokenizer, dtype, device, overwrite, max_shard_size,
+            progress, files, report_options=opts,
+        )  # fmt: skip
+    # in memory (--rank-allocation energy needs every layer's spectrum first): calibrated on the original model
+    model = load_causal_lm(src, dtype=dtype).to(device)
+    if needs_text:
+        from ..methods.calibration import collect_attention_inputs_from_files
+
+        calibration_inputs = collect_attention_inputs_from_files(
+            model, tokenizer, files, calibration.calibration_tokens, calibration.calibration_window
+        )
+    report = convert_to_mla(model, latent, calibration=calibration_inputs)
     report.details.update(
         source=str(src),
         format=opts.format,
         options=asdict(opts),
-        kv_budget=options.kv_budget,
         calibration_data=None if files is None else [str(f) for f in files],
         calibration_tokens=None if files is None else calibration.calibration_tokens,
         calibration_window=None if files is None else calibration.calibration_window,
+        calibration_mode=None if files is None else "original",
     )
     saved = model
     if deepseek:
@@ -175,10 +194,14 @@ def convert_checkpoint(
     calibration_data=None,
     calibration_tokens: int = CalibrationConfig.calibration_tokens,
     calibration_window: int = CalibrationConfig.calibration_window,
+    calibration_mode: str = CalibrationConfig.calibration_mode,
     calibration_inputs=None,
     dtype: str = "auto",
     overwrite: bool = False,
     mla: MLAConversionConfig | dict | None = None,
+    device: str = "cpu",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = False,
 ) -> ConversionReport:
     """Load ``src``, convert it, and save the result (weights, config, tokenizer, ``conversion.json``) to ``out``.
 
@@ -190,13 +213,22 @@ def convert_checkpoint(
     weight is loaded; nothing is written to ``out`` unless the conversion succeeds. Methods that need calibration
     read the first ``calibration_tokens`` tokens of ``calibration_data`` (``CalibrationConfig``), unless
     ``calibration_inputs`` (a ``hf_attn_swap.methods.calibration.Calibration`` of this source model) is given.
+    ``calibration_mode``: ``sequential`` (layer l calibrated on the outputs of the converted layers 0..l-1) or
+    ``original`` (on the source model's own activations).
+
+    Llama / Mistral / Qwen2 / Qwen3 safetensors checkpoints are converted layer by layer (``pipeline.stream``):
+    one decoder layer in memory at a time, on ``device`` (``cpu``, ``cuda``, ``cuda:N``), written in shards of at
+    most ``max_shard_size``, resumable after a kill by rerunning the same call; ``progress`` shows a bar per
+    layer. Other families, ``rank_allocation="energy"`` and given ``calibration_inputs`` load the whole model.
     """
     from transformers import AutoConfig
 
     from ..methods.gqa import convert_to_gqa, validate_num_key_value_heads
 
     target = _target(to, num_key_value_heads, method, mla)
-    calibration = CalibrationConfig(calibration_data, calibration_tokens, calibration_window)
+    calibration = CalibrationConfig(
+        calibration_data, calibration_tokens, calibration_window, calibration_mode
+    )
     src = check_source(src)
     out = check_output(out, src=src, overwrite=overwrite)
     torch_dtype = parse_dtype(dtype)
@@ -204,7 +236,9 @@ def convert_checkpoint(
     adapter = get_adapter(config)
     layout = adapter.layout(config)
     if isinstance(target, MLAConversionConfig):
-        return convert_mla_checkpoint(src, out, config, torch_dtype, target, calibration, overwrite)
+        return convert_mla_checkpoint(
+            src, out, config, torch_dtype, target, calibration, overwrite, device, max_shard_size, progress
+        )
     if target.num_key_value_heads is None:
         raise ValueError("--to gqa needs --num-kv-heads N (1 = MQA)")
     validate_num_key_value_heads(layout, target.num_key_value_heads)
@@ -222,8 +256,13 @@ def convert_checkpoint(
         else None
     )
 
+    if layout.causal and calibration_inputs is None and streaming_refusal(config, src, target) is None:
+        return stream_checkpoint(
+            src, out, config, target, calibration, tokenizer, torch_dtype, device, overwrite, max_shard_size,
+            progress, calibration.calibration_data if needs_text else None,
+        )  # fmt: skip
     if layout.causal:
-        model = load_causal_lm(src, dtype=torch_dtype)
+        model = load_causal_lm(src, dtype=torch_dtype).to(device)
     else:  # encoders (BERT): the checkpoint's own architecture, e.g. BertModel for sentence-transformers
         from transformers import AutoModel
 
@@ -241,6 +280,8 @@ def convert_checkpoint(
             key_weights=gqa_method.uses_key_weights,
         )
     report = convert_to_gqa(model, target.num_key_value_heads, method=gqa_method, calibration=activations)
+    if needs_text:
+        report.details["calibration_mode"] = "original"
     report.details.update(source=str(src), options=asdict(target))
     if needs_text:
         report.details.update(
@@ -266,6 +307,27 @@ class ConvertArguments:
     to: Literal["gqa", "mla"] = field(metadata={"help": "target attention"})
     dtype: DType = field(default="auto", metadata={"help": "dtype to load and save (auto: the checkpoint's)"})
     overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
+    device: str = field(
+        default="cpu", metadata={"help": "where each layer's forward runs: cpu, cuda or cuda:N"}
+    )
+    max_shard_size: str = field(
+        default=DEFAULT_MAX_SHARD_SIZE, metadata={"help": "largest output shard (e.g. 500MB, 5GB)"}
+    )
+
+
+def check_device(device: str) -> str:
+    """``cpu`` / ``cuda`` / ``cuda:N`` that exists here, else ``ValueError`` naming the fix."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index or 0) >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s); use --device cpu")
+    elif parsed.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+    return str(parsed)
 
 
 def run_convert(
@@ -287,6 +349,9 @@ def run_convert(
         gqa if args.to == "gqa" else mla,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        device=check_device(args.device),
+        max_shard_size=args.max_shard_size,
+        progress=True,
         **asdict(calibration),
     )
     print(report)

@@ -9,7 +9,16 @@ work on any family whose adapter can read and write its attention (``hf_attn_swa
 from .alignment import AlignedMean, align_heads
 from .base import GQAMethod, LayerContext, expand_to_query_heads, permute_query_heads
 from .config import GQAConfig
-from .convert import convert_to_gqa, kv_bytes_per_token, layer_context, validate_num_key_value_heads
+from .convert import (
+    GQALayers,
+    convert_gqa_layer,
+    convert_to_gqa,
+    gqa_method,
+    gqa_report,
+    kv_bytes_per_token,
+    layer_context,
+    validate_num_key_value_heads,
+)
 from .fit import ActivationFit, fit_heads, fit_shared_projection
 from .grouping import SimilarityGrouping, balanced_partition, head_distances
 from .mean import MeanPooling
@@ -20,16 +29,20 @@ __all__ = [
     "ActivationFit",
     "AlignedMean",
     "GQAConfig",
+    "GQALayers",
     "GQAMethod",
     "LayerContext",
     "MeanPooling",
     "SimilarityGrouping",
     "align_heads",
     "balanced_partition",
+    "convert_gqa_layer",
     "convert_to_gqa",
     "expand_to_query_heads",
     "fit_heads",
     "fit_shared_projection",
+    "gqa_method",
+    "gqa_report",
     "head_distances",
     "kv_bytes_per_token",
     "layer_context",

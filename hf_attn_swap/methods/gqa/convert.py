@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ...adapters import AttentionLayout, get_adapter
-from ..calibration import Calibration
+from ..calibration import Calibration, CalibrationText
+from ..layerwise import ModelLayers, convert_layers
 from ..report import ConversionReport, kv_bytes_per_token, model_dtype
 from .base import GQAMethod, LayerContext
 from .config import GQAConfig
@@ -59,6 +60,106 @@ def layer_context(
     )
 
 
+def gqa_report(
+    layout: AttentionLayout, method: GQAMethod, num_key_value_heads: int, dtype
+) -> ConversionReport:
+    """The report of converting a model with ``layout`` to ``num_key_value_heads`` KV heads."""
+    return ConversionReport(
+        target="gqa",
+        method=method.name,
+        family=layout.family,
+        num_layers=layout.num_layers,
+        num_attention_heads=layout.num_attention_heads,
+        head_dim=layout.head_dim,
+        dtype=str(dtype).removeprefix("torch."),
+        kv_bytes_per_token_before=kv_bytes_per_token(layout, layout.num_key_value_heads, dtype),
+        kv_bytes_per_token_after=kv_bytes_per_token(layout, num_key_value_heads, dtype),
+        before={"num_key_value_heads": layout.num_key_value_heads},
+        after={"num_key_value_heads": num_key_value_heads},
+        changed=num_key_value_heads != layout.num_key_value_heads,
+    )
+
+
+def gqa_method(num_key_value_heads, method) -> tuple[int, GQAMethod]:
+    """(head count, method object) from ``convert_to_gqa``'s arguments (a ``GQAConfig`` or the two values)."""
+    if isinstance(num_key_value_heads, GQAConfig):
+        if method != GQAConfig.method:
+            raise ValueError("pass the method inside the GQAConfig or as method=..., not both")
+        num_key_value_heads, method = num_key_value_heads.num_key_value_heads, num_key_value_heads.method
+    if isinstance(method, str):  # validates the name (and a non-int head count) before the model is read
+        method = GQA_METHODS[GQAConfig(num_key_value_heads, method).method]
+    return num_key_value_heads, method
+
+
+def convert_gqa_layer(
+    adapter,
+    attn: nn.Module,
+    layer_idx: int,
+    layout: AttentionLayout,
+    num_key_value_heads: int,
+    method: GQAMethod,
+    inputs: torch.Tensor | None = None,
+    key_weights: torch.Tensor | None = None,
+):
+    """One layer's new attention weights (read with ``adapter``; float32 math, cast back to the module's dtype)
+    and the query-head order the method chose (or None): the per-layer step of ``convert_to_gqa`` and of the
+    layer-by-layer pipeline (``hf_attn_swap.methods.layerwise``)."""
+    ctx = layer_context(attn, layer_idx, layout, num_key_value_heads, inputs, key_weights)
+    weights = adapter.read(attn)
+    dtype = weights.q.dtype
+    weights = weights.to(torch.float32)
+    if method.needs_calibration:  # calibration statistics live on the CPU; write() moves weights back
+        weights = weights.cpu()
+    return method.convert_layer(weights, ctx).to(dtype), ctx.cache.get("head_order")
+
+
+class GQALayers:
+    """GQA/MQA per layer (``convert_gqa_layer``)."""
+
+    def __init__(self, source_config, options: GQAConfig):
+        self.adapter = get_adapter(source_config)
+        self.layout = self.adapter.layout(source_config)
+        self.num_key_value_heads, self.method = gqa_method(options.num_key_value_heads, options.method)
+        validate_num_key_value_heads(self.layout, self.num_key_value_heads)
+        self.needs_calibration = self.method.needs_calibration
+        self.uses_key_weights = self.method.uses_key_weights
+        self.changed = self.num_key_value_heads != self.layout.num_key_value_heads
+        self.head_order: dict[int, list[int]] = {}
+        self.calibration_rows: int | None = None
+
+    def convert(self, idx, layer, inputs, key_weights) -> nn.Module:
+        if not self.changed:
+            return layer
+        if inputs is not None:
+            self.calibration_rows = int(inputs.shape[0])
+        attn = layer.self_attn
+        weights, order = convert_gqa_layer(
+            self.adapter, attn, idx, self.layout, self.num_key_value_heads, self.method, inputs, key_weights
+        )
+        self.adapter.write(attn, weights)
+        if hasattr(attn, "num_key_value_heads"):
+            attn.num_key_value_heads = self.num_key_value_heads
+        if order is not None:
+            self.head_order[idx] = order
+        return layer
+
+    def report(self, dtype: torch.dtype) -> ConversionReport:
+        report = gqa_report(self.layout, self.method, self.num_key_value_heads, dtype)
+        if self.changed and self.needs_calibration:
+            report.details["calibration_tokens"] = self.calibration_rows
+            report.details["key_weights"] = "attention received" if self.uses_key_weights else None
+        if self.head_order:
+            report.details["head_order"] = [self.head_order[i] for i in sorted(self.head_order)]
+        return report
+
+    def records(self) -> dict:
+        return {"calibration_rows": self.calibration_rows, "head_order": self.head_order}
+
+    def restore(self, records: dict) -> None:
+        self.calibration_rows = records["calibration_rows"]
+        self.head_order = {int(i): order for i, order in records["head_order"].items()}
+
+
 def convert_to_gqa(
     model: nn.Module,
     num_key_value_heads: int | GQAConfig,
@@ -80,31 +181,21 @@ def convert_to_gqa(
     Raises ``ValueError`` (before touching the model) for a head count that is not in
     ``{n <= H_kv : H % n == 0}``, and ``UnsupportedArchitectureError`` for unknown families.
     """
-    if isinstance(num_key_value_heads, GQAConfig):
-        if method != GQAConfig.method:
-            raise ValueError("pass the method inside the GQAConfig or as method=..., not both")
-        num_key_value_heads, method = num_key_value_heads.num_key_value_heads, num_key_value_heads.method
-    if isinstance(method, str):  # validates the name (and a non-int head count) before the model is read
-        method = GQA_METHODS[GQAConfig(num_key_value_heads, method).method]
+    num_key_value_heads, method = gqa_method(num_key_value_heads, method)
+    if isinstance(calibration, CalibrationText):  # layer by layer, as hf-attn-swap convert streams it
+        source = ModelLayers(model)
+        layers = GQALayers(model.config, GQAConfig(num_key_value_heads, method.name))
+        with torch.no_grad():
+            convert_layers(source, layers, calibration, lambda idx, layer, following: None)
+        if layers.changed:
+            layers.adapter.set_num_key_value_heads(model, layers.num_key_value_heads)
+        report = layers.report(model_dtype(model))
+        report.details["calibration_mode"] = calibration.mode
+        return report
     adapter = get_adapter(model)
     layout = adapter.layout(model.config, model)
     num_key_value_heads = validate_num_key_value_heads(layout, num_key_value_heads)
-    dtype = model_dtype(model)
-    before = kv_bytes_per_token(layout, layout.num_key_value_heads, dtype)
-    report = ConversionReport(
-        target="gqa",
-        method=method.name,
-        family=layout.family,
-        num_layers=layout.num_layers,
-        num_attention_heads=layout.num_attention_heads,
-        head_dim=layout.head_dim,
-        dtype=str(dtype).removeprefix("torch."),
-        kv_bytes_per_token_before=before,
-        kv_bytes_per_token_after=kv_bytes_per_token(layout, num_key_value_heads, dtype),
-        before={"num_key_value_heads": layout.num_key_value_heads},
-        after={"num_key_value_heads": num_key_value_heads},
-        changed=num_key_value_heads != layout.num_key_value_heads,
-    )
+    report = gqa_report(layout, method, num_key_value_heads, model_dtype(model))
     if not report.changed:
         return report
     attention = adapter.attention_modules(model)
@@ -130,20 +221,19 @@ def convert_to_gqa(
     new_weights = []
     with torch.no_grad():
         for idx, attn in enumerate(attention):
-            ctx = layer_context(
+            weights, order = convert_gqa_layer(
+                adapter,
                 attn,
                 idx,
                 layout,
                 num_key_value_heads,
+                method,
                 None if calibration is None else calibration.inputs[idx],
                 None if key_weights is None else key_weights[idx],
             )
-            weights = adapter.read(attn).to(torch.float32)
-            if method.needs_calibration:  # calibration statistics live on the CPU; write() moves weights back
-                weights = weights.cpu()
-            new_weights.append(method.convert_layer(weights, ctx).to(dtype))
-            if "head_order" in ctx.cache:
-                report.details.setdefault("head_order", []).append(ctx.cache["head_order"])
+            new_weights.append(weights)
+            if order is not None:
+                report.details.setdefault("head_order", []).append(order)
         for attn, weights in zip(attention, new_weights, strict=True):
             adapter.write(attn, weights)
     adapter.set_num_key_value_heads(model, num_key_value_heads)

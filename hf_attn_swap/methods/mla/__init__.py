@@ -4,7 +4,15 @@ options in ``config.MLAConversionConfig``. The model classes it produces live in
 
 from .budget import RANK_ALLOCATIONS, allocate_ranks
 from .config import FORMATS, MLAConversionConfig
-from .convert import MLA_FAMILIES, MLALayerWeights, convert_to_mla, max_kv_lora_rank, validate_mla_options
+from .convert import (
+    MLA_FAMILIES,
+    MLALayerConverter,
+    MLALayers,
+    MLALayerWeights,
+    convert_to_mla,
+    max_kv_lora_rank,
+    validate_mla_options,
+)
 from .factorize import FACTORIZATIONS, JointKV, joint_kv
 from .rope import LADDER_SELECTIONS, ROPE_SELECTIONS, select_rope_pairs, validate_rope_dim
 
@@ -17,7 +25,9 @@ __all__ = [
     "ROPE_SELECTIONS",
     "JointKV",
     "MLAConversionConfig",
+    "MLALayerConverter",
     "MLALayerWeights",
+    "MLALayers",
     "allocate_ranks",
     "convert_to_mla",
     "joint_kv",

@@ -17,8 +17,6 @@ from .budget import RANK_ALLOCATIONS, parse_kv_budget, split_kv_budget
 from .factorize import FACTORIZATIONS
 from .rope import ROPE_SELECTIONS
 
-CALIBRATION_ORDERS = ("sequential", "original")
-
 MLAFormat = Literal["deepseek_v3", "plugin"]
 FORMATS: tuple[str, ...] = get_args(MLAFormat)
 
@@ -82,21 +80,6 @@ class MLAConversionConfig:
         default="deepseek_v3",
         metadata={"help": "output format: deepseek_v3 (stock transformers) or plugin (import hf_attn_swap)"},
     )
-    calibration_order: str = field(
-        default="sequential",
-        metadata={
-            "help": "sequential: layer l calibrated on the inputs of the converted layers before it | original: "
-            "every layer on the source model's activations (methods.mla.sequential; convert_to_mla takes given "
-            "activations as they are)"
-        },
-    )
-    input_correction: bool = field(
-        default=False,
-        metadata={
-            "help": "sequential: refit each layer's q/k/v to read the converted inputs like the original inputs "
-            "(least squares; measured worse on SmolLM2, off by default)"
-        },
-    )
     balance_kv: bool = field(
         default=True, metadata={"help": "scale K against V before factorizing (TransMLA's K/V balancing)"}
     )
@@ -136,12 +119,6 @@ class MLAConversionConfig:
             raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if not isinstance(self.rope_fold_ladder, bool):
             raise ValueError(f"rope_fold_ladder must be true or false, got {self.rope_fold_ladder!r}")
-        if self.calibration_order not in CALIBRATION_ORDERS:
-            raise ValueError(
-                f"unknown calibration order {self.calibration_order!r}; choose one of {', '.join(CALIBRATION_ORDERS)}"
-            )
-        if not isinstance(self.input_correction, bool):
-            raise ValueError(f"input_correction must be true or false, got {self.input_correction!r}")
         if not isinstance(self.balance_kv, bool):
             raise ValueError(f"balance_kv must be true or false, got {self.balance_kv!r}")
 

@@ -25,7 +25,9 @@ from torch import nn
 from ...adapters import AttentionLayout, UnsupportedArchitectureError, get_adapter
 from ...modeling.mla import MLAAttention, MLAConfig, MLADecoderLayer, MLAForCausalLM, MLAModel
 from ..affine import with_bias
+from ..calibration import CalibrationText
 from ..gqa.base import per_query_head
+from ..layerwise import ModelLayers, convert_layers
 from ..report import ConversionReport, kv_bytes_per_token, model_dtype
 from .budget import allocate_ranks
 from .config import MLAConversionConfig
@@ -284,17 +286,195 @@ def build_attention(
     return attn
 
 
+class MLALayerConverter:
+    """The per-layer MLA conversion, shared by ``convert_to_mla`` (a loaded model) and the layer-by-layer
+    pipeline (``hf_attn_swap.methods.layerwise``, one decoder layer in memory at a time).
+
+    Per layer: ``plan(idx, attn, inputs)`` (the pure per-layer math, ``_plan_layer``: a function of the layer's
+    weights, its calibration inputs [N, hidden] and the options only; float64 on the CPU), then
+    ``build(idx, layer, plan, rank)`` rewrites that decoder layer in place into an ``MLADecoderLayer`` (its
+    dtype and device kept). ``config()`` and ``report()`` describe the layers built so far.
+    """
+
+    def __init__(self, source_config, options: MLAConversionConfig, factorization: str, rotary_scale: float):
+        self.source_config = source_config
+        self.options = options
+        self.factorization = factorization
+        self.layout = validate_mla_options(source_config, options)
+        self.adapter = get_adapter(source_config)
+        self.rotary_scale = rotary_scale
+        self.new_scale = (self.layout.head_dim + options.qk_rope_head_dim) ** -0.5
+        self.biases: tuple[bool, bool, bool] | None = None  # (q, rope key, o): read from the first layer
+        self.ranks: dict[int, int] = {}
+        self.rope_pairs: dict[int, list[int]] = {}
+        self.retained: dict[int, float] = {}
+        self.calibration_rows: int | None = None
+
+    def plan(self, idx: int, attn: nn.Module, inputs: torch.Tensor | None) -> _LayerPlan:
+        """The layer's MLA plan from its source attention module and calibration inputs [N, hidden] (or None)."""
+        if needs_calibration(self.factorization) and inputs is None:
+            raise ValueError(f"layer {idx}: factorization {self.factorization!r} needs calibration inputs")
+        opts = self.options
+        weights = self.adapter.read(attn).to(torch.float64).cpu()
+        if self.biases is None:
+            self.biases = (
+                weights.q_bias is not None,
+                weights.k_bias is not None,
+                weights.o_bias is not None or weights.v_bias is not None,
+            )
+        if inputs is not None:
+            self.calibration_rows = int(inputs.shape[0])
+        score_fold = float(attn.scaling) / self.new_scale
+        with torch.no_grad(), _lapack_threads(1):
+            return _plan_layer(
+                weights,
+                self.layout,
+                opts.qk_rope_head_dim,
+                opts.rope_selection,
+                self.factorization,
+                inputs,
+                opts.num_rope_key_heads,
+                opts.balance_kv,
+                (score_fold, self.rotary_scale**2),
+                opts.rope_fold,
+                opts.rope_fold_ladder,
+            )  # fmt: skip
+
+    def layer_config(self, idx: int, rank: int, pairs: list[int]) -> MLAConfig:
+        """A config whose layer ``idx`` has ``rank`` and ``pairs`` (enough to build that one layer)."""
+        n = self.layout.num_layers
+        return mla_config(
+            self.source_config, [rank] * n, self.options.qk_rope_head_dim, self.options.num_rope_key_heads,
+            [list(pairs)] * n, self.biases,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def build(self, idx: int, layer: nn.Module, plan: _LayerPlan, rank: int) -> nn.Module:
+        """Rewrite decoder ``layer`` in place into an ``MLADecoderLayer`` holding ``plan`` cut at ``rank``."""
+        weights = _layer_weights(
+            plan, rank, self.layout.num_attention_heads, self.layout.head_dim, self.biases[0]
+        )
+        config = self.layer_config(idx, rank, weights.rope_pairs)
+        config._attn_implementation = layer.self_attn.config._attn_implementation
+        layer.self_attn = build_attention(config, idx, weights, layer.self_attn)
+        layer.__class__ = MLADecoderLayer
+        self.ranks[idx], self.rope_pairs[idx] = rank, weights.rope_pairs
+        self.retained[idx] = round(plan.kv.retained(rank), 6)
+        return layer
+
+    def config(self) -> MLAConfig:
+        """The plugin config of the whole converted model (every layer built)."""
+        n = self.layout.num_layers
+        if sorted(self.ranks) != list(range(n)):
+            raise ValueError(f"layers {sorted(set(range(n)) - set(self.ranks))} are not converted yet")
+        ranks = [self.ranks[i] for i in range(n)]
+        rope_pairs = [self.rope_pairs[i] for i in range(n)]
+        uniform = select_rope_pairs("uniform", self.layout, self.options.qk_rope_head_dim)
+        return mla_config(
+            self.source_config, ranks, self.options.qk_rope_head_dim, self.options.num_rope_key_heads,
+            None if all(p == uniform for p in rope_pairs) else rope_pairs, self.biases,
+        )  # fmt: skip
+
+    def report(self, dtype: torch.dtype) -> ConversionReport:
+        opts, layout = self.options, self.layout
+        config = self.config()
+        ranks = [self.ranks[i] for i in range(layout.num_layers)]
+        return ConversionReport(
+            target="mla",
+            method=f"{opts.rope_selection}+{self.factorization}"
+            + ("+energy-ranks" if opts.rank_allocation == "energy" else ""),
+            family=layout.family,
+            num_layers=layout.num_layers,
+            num_attention_heads=layout.num_attention_heads,
+            head_dim=layout.head_dim,
+            dtype=str(dtype).removeprefix("torch."),
+            kv_bytes_per_token_before=kv_bytes_per_token(layout, layout.num_key_value_heads, dtype),
+            kv_bytes_per_token_after=mla_kv_bytes_per_token(
+                ranks, opts.qk_rope_head_dim, opts.num_rope_key_heads, dtype
+            ),
+            before={"num_key_value_heads": layout.num_key_value_heads},
+            after={
+                "kv_lora_rank": config.kv_lora_rank,
+                "qk_rope_head_dim": opts.qk_rope_head_dim,
+                "num_rope_key_heads": opts.num_rope_key_heads,
+            },
+            details={
+                "rope_selection": opts.rope_selection,
+                "factorization": self.factorization,
+                "rank_allocation": opts.rank_allocation,
+                "balance_kv": opts.balance_kv,
+                "rope_fold": fold_ladder(self.layout, opts.qk_rope_head_dim, opts.rope_fold)[1]
+                if opts.rope_selection == "freqfold"
+                else None,
+                "calibration_rows": self.calibration_rows,
+                "ranks": ranks,
+                "rope_pairs": [self.rope_pairs[i] for i in range(layout.num_layers)],
+                "kv_energy_retained": [self.retained[i] for i in range(layout.num_layers)],
+            },
+        )
+
+
+class MLALayers:
+    """MLA per layer (``MLALayerConverter``) at the uniform rank ``kv_lora_rank``."""
+
+    uses_key_weights = False
+
+    def __init__(self, source_config, options: MLAConversionConfig, calibrated: bool, rotary: nn.Module):
+        if options.rank_allocation != "uniform":
+            raise ValueError(
+                "rank_allocation 'energy' needs every layer's K/V spectrum before the first layer is cut, so it "
+                "cannot run layer by layer: use --rank-allocation uniform, or convert_to_mla on a loaded model "
+                "with calibration=collect_attention_inputs(model, token_ids)"
+            )
+        self.options = options
+        self.factorization = options.resolved_factorization(calibrated=calibrated)
+        scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+        self.converter = MLALayerConverter(source_config, options, self.factorization, scale)
+        self.needs_calibration = needs_calibration(self.factorization)
+
+    def convert(self, idx, layer, inputs, key_weights) -> nn.Module:
+        plan = self.converter.plan(idx, layer.self_attn, inputs)
+        return self.converter.build(idx, layer, plan, self.options.kv_lora_rank)
+
+    def records(self) -> dict:
+        c = self.converter
+        return {
+            "biases": c.biases,
+            "calibration_rows": c.calibration_rows,
+            "layers": {i: [c.ranks[i], c.rope_pairs[i], c.retained[i]] for i in c.ranks},
+        }
+
+    def restore(self, records: dict) -> None:
+        c = self.converter
+        c.biases = None if records["biases"] is None else tuple(records["biases"])
+        c.calibration_rows = records["calibration_rows"]
+        for i, (rank, pairs, retained) in records["layers"].items():
+            c.ranks[int(i)], c.rope_pairs[int(i)], c.retained[int(i)] = rank, pairs, retained
+
+
+def mla_options(kv_lora_rank, **loose) -> MLAConversionConfig:
+    """One ``MLAConversionConfig`` from ``convert_to_mla``'s arguments (a config, or a rank and loose options)."""
+    if isinstance(kv_lora_rank, MLAConversionConfig):
+        given = [k for k, v in loose.items() if v != getattr(MLAConversionConfig, k, None)]
+        if given:
+            raise ValueError(
+                f"pass {', '.join(given)} inside the MLAConversionConfig or as arguments, not both"
+            )
+        return kv_lora_rank
+    return MLAConversionConfig(kv_lora_rank=kv_lora_rank, **loose)
+
+
 def convert_to_mla(
     model: nn.Module,
     kv_lora_rank: int | MLAConversionConfig,
     qk_rope_head_dim: int | None = None,
     rope_selection: str = MLAConversionConfig.rope_selection,
     factorization: str | None = MLAConversionConfig.factorization,
-    calibration: list[torch.Tensor] | None = None,
+    calibration=None,
     num_rope_key_heads: int = MLAConversionConfig.num_rope_key_heads,
     rank_allocation: str = MLAConversionConfig.rank_allocation,
     balance_kv: bool = MLAConversionConfig.balance_kv,
-    rope_fold: int = MLAConversionConfig.rope_fold,
+    rope_fold: int | None = MLAConversionConfig.rope_fold,
 ) -> ConversionReport:
     """Rewrite ``model`` (Llama / Mistral / Qwen2) in place into MLA; returns a report with KV bytes/token.
 
@@ -305,42 +485,43 @@ def convert_to_mla(
 
     kv_lora_rank: latent rank r (the per-layer average under ``rank_allocation="energy"``), 1..min(hidden,
         2 H_kv head_dim). qk_rope_head_dim: rotary dims kept per rope key (even, <= head_dim).
-    rope_selection: ``high`` (default: best training-free on SmolLM2) | ``uniform`` | ``low`` | ``norm``
-        (see ``hf_attn_swap.methods.mla.rope``).
+    rope_selection: ``freqfold`` (default: best training-free on SmolLM2; ``freqfold`` module) | ``uniform`` |
+        ``high`` | ``low`` | ``norm`` (see ``hf_attn_swap.methods.mla.rope``); rope_fold: freqfold's window.
     factorization: ``svd`` (weights) | ``pca`` (activation-aware; needs ``calibration``); default: ``pca`` when
         ``calibration`` is given, else ``svd``.
-    calibration: per-layer attention inputs [N, hidden] (``hf_attn_swap.methods.calibration.collect_attention_inputs``);
-        also used, when given, by the ``norm`` selection and the shared-rope-key mixing.
+    calibration: either per-layer attention inputs [N, hidden] collected from the original model
+        (``hf_attn_swap.methods.calibration.collect_attention_inputs``: every layer calibrated on the original
+        model's activations), or a ``hf_attn_swap.methods.calibration.CalibrationText`` (token ids; its ``mode``
+        ``sequential`` calibrates layer l on the outputs of the already-converted layers 0..l-1, run layer by
+        layer exactly as ``hf-attn-swap convert`` streams a checkpoint). Also used, when given, by the ``norm``
+        selection and the shared-rope-key mixing.
     num_rope_key_heads: rope keys per layer (1 = DeepSeek's shared key; H_kv keeps RoPE exact).
     KV cache per token and layer afterwards: r_l + num_rope_key_heads * qk_rope_head_dim values.
 
     Raises ``ValueError`` / ``UnsupportedArchitectureError`` before the model is touched.
     """
-    loose = {
-        "qk_rope_head_dim": qk_rope_head_dim,
-        "rope_selection": rope_selection,
-        "factorization": factorization,
-        "num_rope_key_heads": num_rope_key_heads,
-        "rank_allocation": rank_allocation,
-        "balance_kv": balance_kv,
-        "rope_fold": rope_fold,
-    }
-    if isinstance(kv_lora_rank, MLAConversionConfig):
-        given = [k for k, v in loose.items() if v != getattr(MLAConversionConfig, k, None)]
-        if given:
-            raise ValueError(
-                f"pass {', '.join(given)} inside the MLAConversionConfig or as arguments, not both"
-            )
-        options = kv_lora_rank
-    else:
-        options = MLAConversionConfig(kv_lora_rank=kv_lora_rank, **loose)
-    adapter = get_adapter(model)
+    options = mla_options(
+        kv_lora_rank,
+        qk_rope_head_dim=qk_rope_head_dim,
+        rope_selection=rope_selection,
+        factorization=factorization,
+        num_rope_key_heads=num_rope_key_heads,
+        rank_allocation=rank_allocation,
+        balance_kv=balance_kv,
+        rope_fold=rope_fold,
+    )
     options = resolve_kv_budget(model.config, options)
+    if isinstance(calibration, CalibrationText):  # layer by layer, as hf-attn-swap convert streams it
+        source = ModelLayers(model)
+        layers = MLALayers(model.config, options, True, source.rotary)
+        with torch.no_grad():
+            convert_layers(source, layers, calibration, lambda idx, layer, following: None)
+        finish_mla_model(model, layers.converter.config())
+        report = layers.converter.report(model_dtype(model))
+        report.details["calibration_mode"] = calibration.mode
+        return report
+    adapter = get_adapter(model)
     layout = validate_mla_options(model.config, options)
-    layout = adapter.layout(model.config, model)  # with the rotary frequencies (freqfold)
-    kv_lora_rank, qk_rope_head_dim = options.kv_lora_rank, options.qk_rope_head_dim
-    rope_selection, num_rope_key_heads = options.rope_selection, options.num_rope_key_heads
-    rank_allocation, balance_kv = options.rank_allocation, options.balance_kv
     factorization = options.resolved_factorization(calibrated=calibration is not None)
     attention = adapter.attention_modules(model)
     if len(attention) != layout.num_layers:
@@ -353,101 +534,46 @@ def convert_to_mla(
             "layers: pass calibration=hf_attn_swap.methods.calibration.collect_attention_inputs(model, token_ids) "
             "(CLI: --calibration-data FILE...)"
         )
-    layers = model.model.layers
-    dtype = model_dtype(model)
     rotary = adapter.rotary_embedding(model)
-    rotary_scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
-    new_scale = (layout.head_dim + qk_rope_head_dim) ** -0.5
-    sample = adapter.read(attention[0])
-    biases = (
-        sample.q_bias is not None,
-        sample.k_bias is not None,
-        sample.o_bias is not None or sample.v_bias is not None,
+    converter = MLALayerConverter(
+        model.config, options, factorization, float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
     )
-
-    plans = []
-    with torch.no_grad(), _lapack_threads(1):
-        for idx, attn in enumerate(attention):
-            score_fold = float(attn.scaling) / new_scale
-            inputs = None if calibration is None else calibration[idx]
-            # float64 on the CPU, where the calibration statistics live; build_attention copies back to the device
-            weights = adapter.read(attn).to(torch.float64)
-            weights = weights.cpu()
-            plans.append(
-                _plan_layer(
-                    weights,
-                    layout,
-                    qk_rope_head_dim,
-                    rope_selection,
-                    factorization,
-                    inputs,
-                    num_rope_key_heads,
-                    balance_kv,
-                    (score_fold, rotary_scale**2),
-                    options.rope_fold,
-                    options.rope_fold_ladder,
-                )  # fmt: skip
-            )
-    max_rank = max_kv_lora_rank(layout)
-    if rank_allocation == "uniform":
-        ranks = [kv_lora_rank] * len(plans)
-    else:
-        ranks = allocate_ranks(
-            [p.kv.energy for p in plans], kv_lora_rank * len(plans), [max_rank] * len(plans)
-        )
-    new_weights = [
-        _layer_weights(p, r, layout.num_attention_heads, layout.head_dim, biases[0])
-        for p, r in zip(plans, ranks, strict=True)
+    plans = [
+        converter.plan(idx, attn, None if calibration is None else calibration[idx])
+        for idx, attn in enumerate(attention)
     ]
-    rope_pairs = [w.rope_pairs for w in new_weights]
-    uniform = select_rope_pairs("uniform", layout, qk_rope_head_dim)
-    config = mla_config(
-        model.config, ranks, qk_rope_head_dim, num_rope_key_heads,
-        None if all(p == uniform for p in rope_pairs) else rope_pairs, biases,
-    )  # fmt: skip
-    config._attn_implementation = model.config._attn_implementation
-
-    report = ConversionReport(
-        target="mla",
-        method=f"{rope_selection}+{factorization}" + ("+energy-ranks" if rank_allocation == "energy" else ""),
-        family=layout.family,
-        num_layers=layout.num_layers,
-        num_attention_heads=layout.num_attention_heads,
-        head_dim=layout.head_dim,
-        dtype=str(dtype).removeprefix("torch."),
-        kv_bytes_per_token_before=kv_bytes_per_token(layout, layout.num_key_value_heads, dtype),
-        kv_bytes_per_token_after=mla_kv_bytes_per_token(ranks, qk_rope_head_dim, num_rope_key_heads, dtype),
-        before={"num_key_value_heads": layout.num_key_value_heads},
-        after={
-            "kv_lora_rank": config.kv_lora_rank,
-            "qk_rope_head_dim": qk_rope_head_dim,
-            "num_rope_key_heads": num_rope_key_heads,
-        },
-        details={
-            "rope_selection": rope_selection,
-            "factorization": factorization,
-            "rank_allocation": rank_allocation,
-            "balance_kv": balance_kv,
-            "rope_fold": fold_ladder(layout, qk_rope_head_dim, options.rope_fold)[1]
-            if rope_selection == "freqfold"
-            else None,
-            "calibration_rows": None if calibration is None else int(calibration[0].shape[0]),
-            "ranks": ranks,
-            "rope_pairs": rope_pairs,
-            "kv_energy_retained": [round(p.kv.retained(r), 6) for p, r in zip(plans, ranks, strict=True)],
-        },
-    )
+    ranks = layer_ranks(options, layout, [p.kv.energy for p in plans])
     # every layer is computed: now swap modules, config and classes (Llama/Mistral/Qwen2 share Llama's forward)
-    for idx, (layer, weights) in enumerate(zip(layers, new_weights, strict=True)):
-        layer.self_attn = build_attention(config, idx, weights, layer.self_attn)
-        layer.__class__ = MLADecoderLayer
+    for idx, (layer, plan, rank) in enumerate(zip(model.model.layers, plans, ranks, strict=True)):
+        converter.build(idx, layer, plan, rank)
+    finish_mla_model(model, converter.config())
+    return converter.report(model_dtype(model))
+
+
+def layer_ranks(options: MLAConversionConfig, layout: AttentionLayout, energies=None) -> list[int]:
+    """The latent rank of every layer: ``kv_lora_rank`` each (uniform), or ``allocate_ranks`` over the layers'
+    K/V spectra ``energies`` (energy: needs every layer planned first)."""
+    n = layout.num_layers
+    if options.rank_allocation == "uniform":
+        return [options.kv_lora_rank] * n
+    if energies is None:
+        raise ValueError("rank_allocation 'energy' needs every layer's spectrum")
+    return allocate_ranks(energies, options.kv_lora_rank * n, [max_kv_lora_rank(layout)] * n)
+
+
+def finish_mla_model(model: nn.Module, config: MLAConfig) -> None:
+    """Switch a model whose decoder layers were all rebuilt by ``MLALayerConverter.build`` to the plugin classes
+    with ``config`` (shared by every attention module)."""
+    config._attn_implementation = model.config._attn_implementation
+    rotary = get_adapter(model).rotary_embedding(model)
+    for layer in model.model.layers:
+        layer.self_attn.config = config
     model.config = model.model.config = config
     if rotary is not None:
         rotary.config = config
     model.model.__class__ = MLAModel
     model.__class__ = MLAForCausalLM
     _register_output_capture(model)
-    return report
 
 
 def _register_output_capture(model: nn.Module) -> None:

@@ -1,0 +1,221 @@
+"""Layer-by-layer conversion (``convert`` on checkpoints larger than memory): the same weights as the in-memory API,
+bounded shards, original-mode calibration equal to ``collect_calibration``, and kill -9 + rerun = an uninterrupted run."""
+
+import copy
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from conftest import PYTHON, subprocess_env, tree_digest
+from transformers import AutoModelForCausalLM
+
+from hf_attn_swap import convert_to_mla
+from hf_attn_swap.cli import main
+from hf_attn_swap.export import to_deepseek_v3
+from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer
+from hf_attn_swap.io.shards import INDEX_FILE, CheckpointReader, parse_size
+from hf_attn_swap.io.text import load_token_ids
+from hf_attn_swap.methods.calibration import CalibrationText, collect_attention_inputs, collect_calibration
+from hf_attn_swap.methods.gqa import GQAConfig, convert_to_gqa
+from hf_attn_swap.methods.mla import MLAConversionConfig
+from hf_attn_swap.pipeline.convert import convert_checkpoint
+from hf_attn_swap.pipeline.stream import KILL_AT_LAYER, STATE_DIR
+from hf_attn_swap.testing import TINY_TEXT, save_tiny_checkpoint, tiny_model
+
+TOKENS, WINDOW = 200, 64
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A 4-layer Llama checkpoint with a tokenizer, and a calibration text file."""
+    src = save_tiny_checkpoint(tmp_path / "src", "llama", num_hidden_layers=4, num_key_value_heads=2)
+    text = tmp_path / "text.txt"
+    text.write_text(TINY_TEXT * 4)
+    return src, [str(text)]
+
+
+def same_weights(a: dict, b: dict) -> None:
+    assert set(a) == set(b), set(a) ^ set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+TARGETS = {
+    "mla-plugin": MLAConversionConfig(12, 8, format="plugin"),
+    "mla-deepseek": MLAConversionConfig(13, 8, rope_selection="uniform"),
+    "gqa-fit": GQAConfig(1, "fit"),
+    "gqa-mean": GQAConfig(1, "mean"),
+}
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_streamed_checkpoint_equals_the_in_memory_api(source, tmp_path, name):
+    """convert (layer by layer, shards of 20 kB) == convert_to_mla / convert_to_gqa on the loaded model with the
+    same options and sequential calibration, bit for bit; shards respect the bound and the index lists them."""
+    src, files = source
+    target = TARGETS[name]
+    calibrated = name != "gqa-mean"
+    text = (
+        dict(calibration_data=files, calibration_tokens=TOKENS, calibration_window=WINDOW)
+        if calibrated
+        else {}
+    )
+    out = tmp_path / "out"
+    report = convert_checkpoint(src, out, target, max_shard_size="20KB", **text)
+
+    reference = load_causal_lm(src)
+    calibration = None
+    if calibrated:
+        ids = load_token_ids(load_tokenizer(src), files, TOKENS)
+        calibration = CalibrationText(ids, WINDOW, "sequential")
+        assert report.details["calibration_mode"] == "sequential"
+    if name.startswith("mla"):
+        latent = MLAConversionConfig(12, 8, format="plugin", rope_selection=target.rope_selection)
+        convert_to_mla(reference, latent, calibration=calibration)
+        if target.format == "deepseek_v3":
+            reference, _ = to_deepseek_v3(reference)
+    else:
+        convert_to_gqa(reference, target, calibration=calibration)
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(saved) is type(reference)
+    same_weights(saved.state_dict(), reference.state_dict())
+
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 2
+    weight_map = json.loads((out / INDEX_FILE).read_text())["weight_map"]
+    assert sorted(set(weight_map.values())) == [p.name for p in shards]
+    limit = parse_size("20KB")
+    for shard in shards:  # at most the bound, unless one layer (or one tensor) alone is larger
+        names = [n for n, f in weight_map.items() if f == shard.name]
+        assert (
+            shard.stat().st_size <= limit + 4096
+            or len({n.split(".")[2] if n.startswith("model.layers.") else n for n in names}) == 1
+        )
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial folder left
+    assert not (out / STATE_DIR).exists()
+
+
+@pytest.mark.parametrize("method", ["mla", "fit"])
+def test_original_mode_equals_collected_calibration(method):
+    """mode "original" carries the unmodified layers' outputs: exactly the inputs collect_calibration records,
+    so the layer-by-layer conversion equals the one calibrated by whole-model forwards, bit for bit."""
+    ids = torch.arange(3, 99) % 128
+    for implementation in ("sdpa", "eager"):
+        model = tiny_model(
+            "llama", num_attention_heads=4, num_key_value_heads=2, attn_implementation=implementation
+        )
+        whole, layerwise = copy.deepcopy(model), copy.deepcopy(model)
+        if method == "mla":
+            convert_to_mla(whole, 12, 8, calibration=collect_attention_inputs(whole, ids, window=48))
+            report = convert_to_mla(layerwise, 12, 8, calibration=CalibrationText(ids, 48, "original"))
+        else:
+            convert_to_gqa(
+                whole, 1, "fit", calibration=collect_calibration(whole, ids, window=48, key_weights=True)
+            )
+            report = convert_to_gqa(layerwise, 1, "fit", calibration=CalibrationText(ids, 48, "original"))
+        assert report.details["calibration_mode"] == "original"
+        same_weights(layerwise.state_dict(), whole.state_dict())
+        sequential = copy.deepcopy(
+            model
+        )  # the default mode calibrates on the converted layers: other weights
+        if method == "mla":
+            convert_to_mla(sequential, 12, 8, calibration=CalibrationText(ids, 48))
+        else:
+            convert_to_gqa(sequential, 1, "fit", calibration=CalibrationText(ids, 48))
+        state = whole.state_dict()
+        assert any(not torch.equal(t, state[n]) for n, t in sequential.state_dict().items())
+
+
+def test_reader_reads_layers_and_embedding_rows(source):
+    src, _ = source
+    reader = CheckpointReader(src)
+    model = load_causal_lm(src)
+    state = model.state_dict()
+    names = [n for n in reader.keys() if n.startswith("model.layers.2.")]
+    assert names and all(torch.equal(t, state[n]) for n, t in reader.read(names).items())
+    index = torch.tensor([5, 0, 127, 5, 64])
+    rows = reader.rows("model.embed_tokens.weight", index, block=16)
+    assert torch.equal(rows, state["model.embed_tokens.weight"][index])
+
+
+def convert_command(src, out, files, *extra):
+    return [PYTHON, "-m", "hf_attn_swap", "convert", str(src), str(out), "--to", "mla", "--kv-lora-rank", "13",
+            "--rope-dim", "8", "--calibration-data", *files, "--calibration-tokens", str(TOKENS),
+            "--calibration-window", str(WINDOW), "--max-shard-size", "20KB", *extra]  # fmt: skip
+
+
+def test_kill_9_mid_conversion_then_rerun_gives_the_uninterrupted_output(source, tmp_path):
+    """The process SIGKILLs itself on reaching layer 3 (shards of layers 0-2 written): no OUT, a hidden state
+    folder; the same command again resumes at the first unwritten layer and writes the same bytes as a run
+    that was never interrupted."""
+    src, files = source
+    digest = tree_digest(src)
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    killed = subprocess.run(
+        convert_command(src, out, files),
+        env=subprocess_env(**{KILL_AT_LAYER: "3"}),
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not out.exists()
+    (partial,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    state = json.loads((partial / STATE_DIR / "state.json").read_text())
+    assert 1 <= state["next_layer"] <= 3 and state["writer"]["shards"]
+    resumed = subprocess.run(
+        convert_command(src, out, files), env=subprocess_env(), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not partial.exists()
+    fresh = subprocess.run(
+        convert_command(src, clean, files), env=subprocess_env(), capture_output=True, text=True
+    )
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
+    for file in clean.iterdir():
+        assert (out / file.name).read_bytes() == file.read_bytes(), file.name
+    assert tree_digest(src) == digest
+
+
+def test_bad_device_and_shard_size_are_one_line_errors(source, tmp_path, capsys):
+    src, _ = source
+    base = ["convert", str(src), str(tmp_path / "o"), "--to", "gqa", "--num-kv-heads", "1"]
+    assert main([*base, "--device", "tpu"]) == 2
+    assert "use cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert main([*base, "--device", "cuda:7"]) == 2
+    assert "use --device cpu" in capsys.readouterr().err
+    assert main([*base, "--max-shard-size", "lots"]) == 2
+    assert "500MB" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not any(p.name.startswith(".o.") for p in tmp_path.iterdir())
+
+
+def test_calibration_mode_flag(source, tmp_path):
+    """--calibration-mode original: conversion.json says so, and the weights differ from sequential's."""
+    src, files = source
+    runs = {}
+    for mode in ("original", "sequential"):
+        args = convert_command(src, tmp_path / mode, files, "--calibration-mode", mode)[3:]
+        assert main(args) == 0
+        assert (
+            json.loads((tmp_path / mode / "conversion.json").read_text())["details"]["calibration_mode"]
+            == mode
+        )
+        runs[mode] = AutoModelForCausalLM.from_pretrained(tmp_path / mode).state_dict()
+    name = "model.layers.3.self_attn.kv_b_proj.weight"
+    assert not torch.equal(runs["original"][name], runs["sequential"][name])
+    assert os.environ.get(KILL_AT_LAYER) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_matches_cpu(source, tmp_path):
+    """--device cuda: the layer forwards run on the GPU; the weights agree with the CPU run to float32 rounding."""
+    src, files = source
+    text = dict(calibration_data=files, calibration_tokens=TOKENS, calibration_window=WINDOW)
+    for device in ("cpu", "cuda"):
+        convert_checkpoint(src, tmp_path / device, TARGETS["mla-plugin"], device=device, **text)
+    cpu = AutoModelForCausalLM.from_pretrained(tmp_path / "cpu").state_dict()
+    cuda = AutoModelForCausalLM.from_pretrained(tmp_path / "cuda").state_dict()
+    for name, tensor in cpu.items():
+        torch.testing.assert_close(cuda[name], tensor, rtol=1e-4, atol=1e-5)
