@@ -81,7 +81,7 @@ def test_convert_to_plugin_format_with_energy_ranks(qwen2_source, tmp_path):
         (["--kv-lora-rank", "24", "--rope-dim", "32"], "larger than the 16 rotary dims"),
         (["--kv-lora-rank", "24", "--rope-dim", "8", "--rope-selection", "norm"], "Use --format plugin"),
         (["--kv-lora-rank", "24", "--rope-dim", "8", "--num-rope-key-heads", "2"], "Use --format plugin"),
-        (["--rope-dim", "8"], "needs --kv-lora-rank"),
+        (["--rope-dim", "8"], "needs --kv-budget"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(source, tmp_path, capsys, extra, message):

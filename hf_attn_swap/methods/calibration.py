@@ -202,3 +202,4 @@ def collect_calibration_from_files(
     require_calibration_files(paths)
     ids = load_token_ids(tokenizer, paths, max_tokens)
     return collect_calibration(model, ids, window=window, key_weights=key_weights)
+

@@ -33,6 +33,7 @@ from ..methods.mla import LADDER_SELECTIONS, MLAConversionConfig
 from ..methods.mla.convert import (
     convert_to_mla,
     mla_kv_bytes_per_token,
+    resolve_kv_budget,
     validate_mla_options,
 )
 from ..methods.report import ConversionReport
@@ -47,6 +48,8 @@ def _check_deepseek_options(opts: MLAConversionConfig, config, layout, dtype) ->
         problems.append("--num-rope-key-heads must be 1 (one shared rope key)")
     if opts.rank_allocation != "uniform":
         problems.append("--rank-allocation must be uniform (one kv_lora_rank for all layers)")
+    if opts.rope_selection == "freqfold" and not opts.rope_fold_ladder:
+        problems.append("--rope-fold-ladder must be true (one frequency per rope pair)")
     if opts.rope_selection not in LADDER_SELECTIONS:
         problems.append(
             f"--rope-selection must be one of {', '.join(LADDER_SELECTIONS)} (a DeepSeek frequency ladder)"
@@ -81,11 +84,13 @@ def convert_mla_checkpoint(
     progress: bool = False,
 ) -> ConversionReport:
     """``convert_checkpoint(..., to=options)`` once ``src``/``out``/``dtype`` are checked and ``config`` is read:
-    layer by layer (``stream_checkpoint``) where ``streaming_refusal`` has no objection, else in memory."""
-    opts = options
+    layer by layer (``stream_checkpoint``) where ``streaming_refusal`` has no objection, else in memory. A
+    ``kv_budget`` is split into kv_lora_rank + qk_rope_head_dim first (recorded in ``details.options``)."""
+    opts = resolve_kv_budget(config, options)
     if opts.kv_lora_rank is None or opts.qk_rope_head_dim is None:
         raise ValueError(
-            "--to mla needs --kv-lora-rank R and --rope-dim D (KV cache: R + D values per token and layer)"
+            "--to mla needs --kv-budget FRACTION|VALUES, or --kv-lora-rank R and --rope-dim D (KV cache: R + D "
+            "values per token and layer)"
         )
     # the pipeline always has calibration text (the library reference by default): an unset factorization is pca
     opts = replace(opts, factorization=opts.resolved_factorization(calibrated=True))

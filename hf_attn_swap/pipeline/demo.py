@@ -1,5 +1,6 @@
 """The README's main job (``hf-attn-swap demo``): convert the packaged SmolLM2 to MQA with one or more GQA methods
-and evaluate them side by side with the original; writes ``WORKDIR/demo.json``."""
+(default: ``fit``, the best measured) and to MLA at a KV budget (default -68.75 %, stock ``deepseek_v3`` format, every
+MLA default), and evaluate them side by side with the original; writes ``WORKDIR/demo.json``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..evaluate.suite import EVAL_COLUMNS, evaluate_checkpoints, markdown_table
 from ..io.folders import machine_info, write_json
 from ..methods.calibration import CalibrationConfig
 from ..methods.gqa import GQA_METHODS, GQAConfig
+from ..methods.mla import MLAConversionConfig
 from .convert import convert_checkpoint
 from .evaluate import EvalDataConfig
 
@@ -24,9 +26,17 @@ class DemoConfig:
     method: list[str] | None = field(
         default=None,
         metadata={
-            "help": "one or more GQA methods to convert with and compare (default: mean)",
+            "help": "one or more GQA methods to convert with and compare (default: fit; mean: the GQA paper's "
+            "baseline)",
             "metavar": "NAME",
             "action": "extend",  # --method a b --method c -> [a, b, c]
+        },
+    )
+    mla_kv_budget: str | None = field(
+        default="0.3125",
+        metadata={
+            "help": "also convert to MLA (deepseek_v3 format) at this --kv-budget (default 0.3125 = -68.75%%); "
+            "'none' skips it"
         },
     )
     workdir: str = field(
@@ -36,7 +46,11 @@ class DemoConfig:
     def __post_init__(self):
         if isinstance(self.method, str):
             self.method = [self.method]
-        self.method = list(dict.fromkeys(self.method or ["mean"]))
+        self.method = list(dict.fromkeys(self.method or ["fit"]))
+        if self.mla_kv_budget is not None and str(self.mla_kv_budget).lower() == "none":
+            self.mla_kv_budget = None
+        if self.mla_kv_budget is not None:
+            MLAConversionConfig(kv_budget=str(self.mla_kv_budget))  # checks the budget
         unknown = [m for m in self.method if m not in GQA_METHODS]
         if unknown:
             raise ValueError(f"unknown GQA method(s) {unknown}; choose from {sorted(GQA_METHODS)}")
@@ -80,6 +94,22 @@ def run_demo(demo: DemoConfig, calibration: CalibrationConfig, data: EvalDataCon
         )
         print(reports[method])
         models[f"{method}-pooled ({kv} KV heads)"] = str(converted)
+    if demo.mla_kv_budget is not None:
+        from ..io.text import default_train_files
+
+        converted = workdir / "SmolLM2-135M-Instruct-mla"
+        reports["mla"] = convert_checkpoint(
+            src,
+            converted,
+            MLAConversionConfig(kv_budget=demo.mla_kv_budget),
+            calibration_data=calibration.calibration_data or default_train_files(),
+            calibration_tokens=calibration.calibration_tokens,
+            calibration_window=calibration.calibration_window,
+            overwrite=True,
+        )
+        print(reports["mla"])
+        after = reports["mla"].after
+        models[f"MLA deepseek_v3 (r {after['kv_lora_rank']} + d_rope {after['qk_rope_head_dim']})"] = str(converted)
     results = evaluate_checkpoints(models, data.data, str(src), data.max_tokens, data.window)
     rows = [{"name": name, **r} for name, r in results.items()]
     print()

@@ -10,10 +10,10 @@ selection ``high``, ``pca`` factorization whenever calibration activations are a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
-from .budget import RANK_ALLOCATIONS
+from .budget import RANK_ALLOCATIONS, parse_kv_budget, split_kv_budget
 from .factorize import FACTORIZATIONS
 from .rope import ROPE_SELECTIONS
 
@@ -45,9 +45,23 @@ class MLAConversionConfig:
         metadata={"help": "rotary dims kept in the shared rope key (D, even); required for --to mla"},
     )
     rope_selection: str = field(
-        default="high",
+        default="freqfold",
         metadata={
             "help": f"rotary pairs that keep RoPE: {' | '.join(ROPE_SELECTIONS)} (norm: plugin format)"
+        },
+    )
+    rope_fold: int | None = field(
+        default=None,
+        metadata={
+            "help": "freqfold: neighbouring rotary frequencies per window of rope components (a multiple of "
+            "rotary_dim / qk_rope_head_dim; default: that ratio, one window per kept frequency)"
+        },
+    )
+    rope_fold_ladder: bool = field(
+        default=True,
+        metadata={
+            "help": "freqfold: the components of a window turn at distinct ladder frequencies (true) or all at the "
+            "window's first frequency (false: TransMLA's FreqFold; plugin format)"
         },
     )
     factorization: str | None = field(
@@ -85,10 +99,24 @@ class MLAConversionConfig:
         },
     )
 
+    kv_budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "KV cache per token and layer instead of --kv-lora-rank/--rope-dim: a fraction of the source's "
+            "(0.3125 = -68.75%%) or a number of values (120); the split into R + D is chosen and recorded"
+        },
+    )
+
     def __post_init__(self):
+        if self.kv_budget is not None:
+            self.kv_budget = str(self.kv_budget)
+            parse_kv_budget(self.kv_budget)
+            if self.kv_lora_rank is not None or self.qk_rope_head_dim is not None:
+                raise ValueError("give either kv_budget or kv_lora_rank and qk_rope_head_dim, not both")
         _optional_int("kv_lora_rank", self.kv_lora_rank)
         _optional_int("qk_rope_head_dim", self.qk_rope_head_dim)
         _optional_int("num_rope_key_heads", self.num_rope_key_heads)
+        _optional_int("rope_fold", self.rope_fold)
         if self.rope_selection not in ROPE_SELECTIONS:
             raise ValueError(
                 f"unknown rope selection {self.rope_selection!r}; choose one of {', '.join(ROPE_SELECTIONS)}"
@@ -104,6 +132,8 @@ class MLAConversionConfig:
             )
         if self.format not in FORMATS:
             raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if not isinstance(self.rope_fold_ladder, bool):
+            raise ValueError(f"rope_fold_ladder must be true or false, got {self.rope_fold_ladder!r}")
         if not isinstance(self.balance_kv, bool):
             raise ValueError(f"balance_kv must be true or false, got {self.balance_kv!r}")
         _optional_int("pad_kv_lora_rank", self.pad_kv_lora_rank)
@@ -121,6 +151,14 @@ class MLAConversionConfig:
             raise ValueError(
                 f"--pad-rope-dim {self.pad_rope_dim} must be even and at least --rope-dim {self.qk_rope_head_dim}"
             )
+
+    def resolved_split(self, rotary_dim: int, source_values: int) -> MLAConversionConfig:
+        """These options with ``kv_budget`` turned into kv_lora_rank + qk_rope_head_dim (``budget.split_kv_budget``);
+        unchanged without a budget. source_values: the source's KV values per token and layer (2 H_kv head_dim)."""
+        if self.kv_budget is None:
+            return self
+        _, rank, rope = split_kv_budget(self.kv_budget, rotary_dim, source_values)
+        return replace(self, kv_budget=None, kv_lora_rank=rank, qk_rope_head_dim=rope)
 
     def resolved_factorization(self, calibrated: bool) -> str:
         """The factorization used: the one set, else ``pca`` with calibration activations and ``svd`` without."""

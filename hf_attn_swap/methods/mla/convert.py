@@ -32,6 +32,7 @@ from ..report import ConversionReport, kv_bytes_per_token, model_dtype
 from .budget import allocate_ranks
 from .config import MLAConversionConfig
 from .factorize import JointKV, joint_kv
+from .freqfold import fold_ladder, freqfold
 from .rope import pair_dims, rope_key_mixing, select_rope_pairs, validate_rope_dim
 
 #: config fields of the Llama-style decoder that every format carries over unchanged
@@ -80,6 +81,14 @@ def _check_int(name: str, value) -> int:
     return value
 
 
+def resolve_kv_budget(config, options: MLAConversionConfig) -> MLAConversionConfig:
+    """``options`` with a ``kv_budget`` split into kv_lora_rank + qk_rope_head_dim for this source model."""
+    if options.kv_budget is None:
+        return options
+    layout = get_adapter(config).layout(config)
+    return options.resolved_split(layout.rope.rotary_dim, 2 * layout.num_key_value_heads * layout.head_dim)
+
+
 def validate_mla_options(config, options: MLAConversionConfig) -> AttentionLayout:
     """What needs the source ``config`` (family, rank and rope-dim ranges, rope keys dividing the KV heads);
     ``options`` checked itself on construction. Raises ``ValueError`` / ``UnsupportedArchitectureError``."""
@@ -116,6 +125,8 @@ def validate_mla_options(config, options: MLAConversionConfig) -> AttentionLayou
             f"this {layout.family} model"
         )
     validate_rope_dim(layout, options.qk_rope_head_dim, options.rope_selection)
+    if options.rope_selection == "freqfold":
+        fold_ladder(layout, options.qk_rope_head_dim, options.rope_fold)
     rope_heads = options.num_rope_key_heads
     kv = layout.num_key_value_heads
     if rope_heads < 1 or kv % rope_heads:
@@ -155,8 +166,9 @@ class _LayerPlan:
 
 
 def _plan_layer(
-    weights, layout, qk_rope_head_dim, rope_selection, factorization, inputs, rope_heads, balance, scales
-):
+    weights, layout, qk_rope_head_dim, rope_selection, factorization, inputs, rope_heads, balance, scales,
+    fold=None, fold_ladder=True,
+):  # fmt: skip
     h, kv_heads, d = weights.num_attention_heads, weights.num_key_value_heads, layout.head_dim
     hidden = layout.hidden_size
     q = with_bias(weights.q, weights.q_bias)
@@ -164,18 +176,23 @@ def _plan_layer(
     # calibration rows [x ; 1] and their second moment E[x x^T] (identity without calibration)
     x = None if inputs is None else with_bias(inputs.double().cpu(), torch.ones(len(inputs), dtype=q.dtype))
     moment = torch.eye(hidden + 1, dtype=q.dtype) if x is None else x.T @ x / len(x)
-    pairs = select_rope_pairs(rope_selection, layout, qk_rope_head_dim, q, k, x)
-    first, second = pair_dims(layout, pairs)
-    m, group = len(pairs), kv_heads // rope_heads
-    u = rope_key_mixing(k, first, second, moment, rope_heads)  # [H_kv, m]
-    rope_of_kv = torch.arange(kv_heads) // group
-    shared = torch.stack([k[:, first], k[:, second]], dim=1) * u[:, None, :, None]  # [H_kv, 2, m, hidden+1]
-    rope_key = shared.view(rope_heads, group, 2 * m, -1).sum(1)  # [n, d_rope, hidden+1]
-    k_nope = k.clone()
-    k_nope[:, first] -= u[..., None] * rope_key[rope_of_kv, :m]
-    k_nope[:, second] -= u[..., None] * rope_key[rope_of_kv, m:]
-    u_q = per_query_head(u, h)
-    q_rope = torch.cat([q[:, first] * u_q[..., None], q[:, second] * u_q[..., None]], dim=1)
+    if rope_selection == "freqfold":
+        q_rope, rope_key, k_nope, pairs = freqfold(
+            q, k, layout, qk_rope_head_dim, fold, moment, rope_heads, fold_ladder
+        )
+    else:
+        pairs = select_rope_pairs(rope_selection, layout, qk_rope_head_dim, q, k, x)
+        first, second = pair_dims(layout, pairs)
+        m, group = len(pairs), kv_heads // rope_heads
+        u = rope_key_mixing(k, first, second, moment, rope_heads)  # [H_kv, m]
+        rope_of_kv = torch.arange(kv_heads) // group
+        shared = torch.stack([k[:, first], k[:, second]], dim=1) * u[:, None, :, None]  # [H_kv, 2, m, hidden+1]
+        rope_key = shared.view(rope_heads, group, 2 * m, -1).sum(1)  # [n, d_rope, hidden+1]
+        k_nope = k.clone()
+        k_nope[:, first] -= u[..., None] * rope_key[rope_of_kv, :m]
+        k_nope[:, second] -= u[..., None] * rope_key[rope_of_kv, m:]
+        u_q = per_query_head(u, h)
+        q_rope = torch.cat([q[:, first] * u_q[..., None], q[:, second] * u_q[..., None]], dim=1)
 
     score_fold, nope_fold = scales
     kv = joint_kv(
@@ -319,6 +336,8 @@ class MLALayerConverter:
                 opts.num_rope_key_heads,
                 opts.balance_kv,
                 (score_fold, self.rotary_scale**2),
+                opts.rope_fold,
+                opts.rope_fold_ladder,
             )  # fmt: skip
 
     def layer_config(self, idx: int, rank: int, pairs: list[int]) -> MLAConfig:
@@ -384,6 +403,9 @@ class MLALayerConverter:
                 "factorization": self.factorization,
                 "rank_allocation": opts.rank_allocation,
                 "balance_kv": opts.balance_kv,
+                "rope_fold": fold_ladder(self.layout, opts.qk_rope_head_dim, opts.rope_fold)[1]
+                if opts.rope_selection == "freqfold"
+                else None,
                 "calibration_rows": self.calibration_rows,
                 "ranks": ranks,
                 "rope_pairs": [self.rope_pairs[i] for i in range(layout.num_layers)],
@@ -452,6 +474,7 @@ def convert_to_mla(
     num_rope_key_heads: int = MLAConversionConfig.num_rope_key_heads,
     rank_allocation: str = MLAConversionConfig.rank_allocation,
     balance_kv: bool = MLAConversionConfig.balance_kv,
+    rope_fold: int | None = MLAConversionConfig.rope_fold,
 ) -> ConversionReport:
     """Rewrite ``model`` (Llama / Mistral / Qwen2) in place into MLA; returns a report with KV bytes/token.
 
@@ -462,8 +485,8 @@ def convert_to_mla(
 
     kv_lora_rank: latent rank r (the per-layer average under ``rank_allocation="energy"``), 1..min(hidden,
         2 H_kv head_dim). qk_rope_head_dim: rotary dims kept per rope key (even, <= head_dim).
-    rope_selection: ``high`` (default: best training-free on SmolLM2) | ``uniform`` | ``low`` | ``norm``
-        (see ``hf_attn_swap.methods.mla.rope``).
+    rope_selection: ``freqfold`` (default: best training-free on SmolLM2; ``freqfold`` module) | ``uniform`` |
+        ``high`` | ``low`` | ``norm`` (see ``hf_attn_swap.methods.mla.rope``); rope_fold: freqfold's window.
     factorization: ``svd`` (weights) | ``pca`` (activation-aware; needs ``calibration``); default: ``pca`` when
         ``calibration`` is given, else ``svd``.
     calibration: either per-layer attention inputs [N, hidden] collected from the original model
@@ -485,7 +508,9 @@ def convert_to_mla(
         num_rope_key_heads=num_rope_key_heads,
         rank_allocation=rank_allocation,
         balance_kv=balance_kv,
+        rope_fold=rope_fold,
     )
+    options = resolve_kv_budget(model.config, options)
     if isinstance(calibration, CalibrationText):  # layer by layer, as hf-attn-swap convert streams it
         source = ModelLayers(model)
         layers = MLALayers(model.config, options, True, source.rotary)

@@ -5,6 +5,8 @@ MLA keeps RoPE on m = d_rope / 2 pairs, in rope keys shared by query heads; ever
 ("NoPE") and is compressed into the latent with V.
 
 Selection strategies (MHA2MLA, Ji et al. 2025, section 3.1; ours choose per layer, since the key is shared by heads):
+    freqfold the uniform ladder, each kept frequency carrying the principal components of its neighbouring
+             frequencies across KV heads (``freqfold`` module; TransMLA's RoRoPE + FreqFold).
     uniform  pairs 0, s, 2s, ... (s = head_dim / d_rope): frequencies 1/θ^(2i/d_rope), DeepSeek's own ladder.
     high     the m highest frequencies (pairs 0..m-1): DeepSeek ladder with θ' = θ^(d_rope/head_dim).
     low      the m lowest frequencies: DeepSeek ladder with θ' and linear scaling.
@@ -25,16 +27,17 @@ import torch
 
 from ...adapters import AttentionLayout
 
-ROPE_SELECTIONS = ("uniform", "high", "low", "norm")
+ROPE_SELECTIONS = ("freqfold", "uniform", "high", "low", "norm")
 #: selections whose kept frequencies form a DeepSeek ladder (same pairs in every layer)
-LADDER_SELECTIONS = ("uniform", "high", "low")
+LADDER_SELECTIONS = ("freqfold", "uniform", "high", "low")
 
 
 def validate_rope_dim(layout: AttentionLayout, qk_rope_head_dim, selection: str = "uniform") -> int:
     """Check d_rope against the source's rotary dims; returns it or raises ``ValueError`` naming valid values."""
     rotary_dim = layout.rope.rotary_dim
     pairs = rotary_dim // 2
-    valid = [2 * m for m in range(1, pairs + 1) if selection != "uniform" or pairs % m == 0]
+    ladder = selection in ("uniform", "freqfold")
+    valid = [2 * m for m in range(1, pairs + 1) if not ladder or pairs % m == 0]
     if isinstance(qk_rope_head_dim, bool) or not isinstance(qk_rope_head_dim, int):
         raise ValueError(f"qk_rope_head_dim must be an int, got {qk_rope_head_dim!r}")
     if selection not in ROPE_SELECTIONS:
@@ -47,7 +50,7 @@ def validate_rope_dim(layout: AttentionLayout, qk_rope_head_dim, selection: str 
             if qk_rope_head_dim > rotary_dim
             else "must be at least 2"
             if qk_rope_head_dim < 2
-            else f"must divide the {rotary_dim} rotary dims evenly for the uniform selection"
+            else f"must divide the {rotary_dim} rotary dims evenly for the {selection} selection"
         )
         raise ValueError(
             f"qk_rope_head_dim={qk_rope_head_dim} {reason}. Valid values for this {layout.family} model "
@@ -76,7 +79,7 @@ def select_rope_pairs(
     inputs [N, hidden + 1]: calibration attention inputs with a ones column, or None (weight norms).
     """
     pairs, kept = layout.rope.rotary_dim // 2, qk_rope_head_dim // 2
-    if selection == "uniform":
+    if selection in ("uniform", "freqfold"):  # freqfold: the ladder its folded components rotate at
         return list(range(0, pairs, pairs // kept))
     if selection == "high":
         return list(range(kept))
