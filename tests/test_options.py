@@ -41,7 +41,7 @@ def test_python_api_defaults_are_the_config_defaults():
     mla = MLAConversionConfig()
     names = ["rope_selection", "factorization", "num_rope_key_heads", "rank_allocation", "balance_kv"]
     assert defaults(convert_to_mla, names) == {n: getattr(mla, n) for n in names}
-    assert mla.rope_selection == "high" and mla.factorization is None  # README: high; pca when calibrated
+    assert mla.rope_selection == "freqfold" and mla.factorization is None  # README: freqfold; pca when calibrated
     assert defaults(convert_to_gqa, ["method"]) == {"method": GQAConfig().method}
     calibration = CalibrationConfig()
     assert defaults(convert_checkpoint, ["method", "calibration_tokens", "calibration_window"]) == {
