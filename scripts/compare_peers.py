@@ -10,8 +10,8 @@ Peers (reimplementations, no code of theirs):
         the latent PCA fitted on the activations of the model whose RoPE was already reduced (a full-rank copy).
 Every method gets the same split of each budget (``--kv-budget``: r + d_rope = 128 + 64, 88 + 32, 32 + 16, which are
 TransMLA's published splits) and the same calibration text (the first 8192 tokens of the Python library reference).
-Ours is ``MLAConversionConfig(kv_budget=...)`` with every default, in its default ``deepseek_v3`` format (one of the
-r cached latent values is the constant channel that neutralises kv_a_layernorm, so its learned latent is r - 1).
+Ours is ``MLAConversionConfig(kv_budget=...)`` with every default, in its default ``deepseek_v3`` format (bias-free:
+all r cached latent values are learned, and the export equals this in-memory model to fp32 rounding).
 
 Held-out texts: the first 4096 tokens of the Python tutorial (4 windows of 1024) and of a text unlike the
 calibration text (default: the GNU GPL v3, /usr/share/common-licenses/GPL-3). Perplexity and KL(original ||
@@ -100,9 +100,7 @@ def transmla(original, split, calibration, calib_ids, window):
 
 def ours(original, split, calibration, calib_ids, window):
     model = copy.deepcopy(original)
-    # deepseek_v3: one of the r cached values is the constant channel
-    latent = replace(split, kv_lora_rank=split.kv_lora_rank - 1)
-    convert_to_mla(model, latent, calibration=CalibrationText(calib_ids, window, "sequential"))
+    convert_to_mla(model, split, calibration=CalibrationText(calib_ids, window, "sequential"))
     return model
 
 
