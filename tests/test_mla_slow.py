@@ -83,11 +83,11 @@ def test_deepseek_v3_export_of_smollm2_generates_the_plugin_models_tokens(smollm
     interleaved rope, linear-regime latent norm; also padded to vLLM's 512 + 64 kernels) greedily decodes the
     plugin model's 32 tokens for 3 prompts in stock transformers."""
     src, model, _ = smollm2
-    options = {"kv_lora_rank": 72, "qk_rope_head_dim": 48, "factorization": "svd"}
+    options = {"kv_lora_rank": 72, "qk_rope_head_dim": 48, "rope_selection": "high", "factorization": "svd"}
     options.update(pad_kv_lora_rank=pads[0], pad_rope_dim=pads[1])
     convert_checkpoint(src, tmp_path / "mla", to="mla", mla=options)
     plugin = copy.deepcopy(model)
-    convert_to_mla(plugin, 72, 48, factorization="svd")
+    convert_to_mla(plugin, 72, 48, rope_selection="high", factorization="svd")
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "mla", dtype=torch.float32).eval()
     assert type(stock).__name__ == "DeepseekV3ForCausalLM" and stock.config.rope_interleave
     tokenizer = load_tokenizer(src)
