@@ -159,13 +159,20 @@ def rope_ladder(config, rope_dim: int) -> dict:
         ladder = DeepseekV3RotaryEmbedding(probe).inv_freq.double()[j0 : j0 + kept]
         if torch.allclose(ladder, target, rtol=1e-5):
             return {"rope_theta": theta, "offset": j0, "attention_scaling": float(source.attention_scaling)}
-    hint = ""
-    if abs(offset - j0) < 1e-4 and j0 >= 0:
-        hint = f", pad the rope to --pad-rope-dim {2 * (j0 + kept)} or more (puts them on the ladder)"
+    scaled = params.get("rope_type", "default") != "default"
+    if scaled:  # e.g. llama3 / yarn: the rescaled frequencies are on no plain ladder
+        fix = (
+            f"this source's rope scaling ({params['rope_type']}) rescales some of the kept frequencies: use "
+            "--format plugin, or --rope-selection high with a --rope-dim that keeps only unscaled ones"
+        )
+    else:
+        fix = "convert with --rope-selection high or uniform"
+        if abs(offset - j0) < 1e-4 and j0 >= 0 and 2 * (j0 + kept) > rope_dim:
+            fix += f", pad the rope to --pad-rope-dim {2 * (j0 + kept)} or more (puts them on the ladder)"
+        fix += ", or use --format plugin"
     raise ValueError(
         f"the kept rotary frequencies are not on a plain DeepSeek ladder 1/theta^(2j/{rope_dim}) (no rope scaling "
-        f"is written, stock runtimes read it differently): convert with --rope-selection high or uniform{hint}, "
-        "or use --format plugin"
+        f"is written, stock runtimes read it differently): {fix}"
     )
 
 
@@ -287,7 +294,9 @@ def deepseek_v3_layer_state(layer: nn.Module, idx: int, plan: DeepseekV3Plan) ->
     bounds: list[float] = []
     kappas = plan.layout.setdefault("kappa", [])
     state.update(
-        attention_state(layer.self_attn, layer.input_layernorm.weight, prefix, plan.layout, plan.residual, bounds)
+        attention_state(
+            layer.self_attn, layer.input_layernorm.weight, prefix, plan.layout, plan.residual, bounds
+        )
     )
     return state, bounds[0], kappas[-1]
 

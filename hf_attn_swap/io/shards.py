@@ -205,6 +205,10 @@ class ShardWriter:
         for stale in self.folder.glob("shard-*"):  # what a killed run was writing
             if stale.name not in keep:
                 stale.unlink()
+        if state is None:  # a run killed inside finish() left final names behind
+            for stale in [*self.folder.glob("model-*-of-*.safetensors"), self.folder / SINGLE_FILE]:
+                stale.unlink(missing_ok=True)
+            (self.folder / INDEX_FILE).unlink(missing_ok=True)
         self._data = None
 
     @staticmethod

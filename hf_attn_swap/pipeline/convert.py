@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from ..adapters import get_adapter
-from ..export.deepseek_v3 import check_deepseek_dtype, to_deepseek_v3
+from ..export.deepseek_v3 import check_deepseek_dtype, deepseek_v3_plan, to_deepseek_v3
 from ..io.checkpoints import (
     copy_sentence_transformers_files,
     copy_tokenizer_files,
@@ -29,13 +29,15 @@ from ..io.folders import atomic_output_dir, check_output, check_source, parse_dt
 from ..io.shards import parse_size
 from ..methods.calibration import CalibrationConfig
 from ..methods.gqa import GQA_METHODS, GQAConfig
-from ..methods.mla import LADDER_SELECTIONS, MLAConversionConfig
+from ..methods.mla import LADDER_SELECTIONS, MLAConversionConfig, select_rope_pairs
 from ..methods.mla.convert import (
     convert_to_mla,
+    mla_config,
     mla_kv_bytes_per_token,
     resolve_kv_budget,
     validate_mla_options,
 )
+from ..methods.mla.freqfold import fold_ladder
 from ..methods.report import ConversionReport
 from .stream import DEFAULT_MAX_SHARD_SIZE, stream_checkpoint, streaming_refusal
 
@@ -68,7 +70,18 @@ def _check_deepseek_options(opts: MLAConversionConfig, config, layout, dtype) ->
             "DeepSeek ladder) for --format deepseek_v3; or use --rope-selection high, or --format plugin"
         )
     saved = dtype if isinstance(dtype, torch.dtype) else parse_dtype(getattr(config, "dtype", None))
-    check_deepseek_dtype(saved if isinstance(saved, torch.dtype) else torch.float32)  # auto: the checkpoint's
+    saved = saved if isinstance(saved, torch.dtype) else torch.float32  # auto: the checkpoint's
+    check_deepseek_dtype(saved)
+    # the rope ladder and the padding, planned on the config alone: refused before any layer is converted
+    if opts.rope_selection == "freqfold":
+        pairs = fold_ladder(layout, opts.qk_rope_head_dim, opts.rope_fold)[0]
+    else:
+        pairs = select_rope_pairs(opts.rope_selection, layout, opts.qk_rope_head_dim)
+    planned = mla_config(
+        config, [opts.kv_lora_rank] * layout.num_layers, opts.qk_rope_head_dim, 1,
+        [pairs] * layout.num_layers, (False, False, False),
+    )  # fmt: skip
+    deepseek_v3_plan(planned, saved, opts.pad_kv_lora_rank, opts.pad_rope_dim)
 
 
 def convert_mla_checkpoint(
@@ -217,7 +230,7 @@ def convert_checkpoint(
     Everything that can be checked from the config (family, head counts, dtype, paths) is checked before any
     weight is loaded; nothing is written to ``out`` unless the conversion succeeds. Methods that need calibration
     read the first ``calibration_tokens`` tokens of ``calibration_data`` (``CalibrationConfig``), unless
-    ``calibration_inputs`` (a ``hf_attn_swap.methods.calibration.Calibration`` of this source model) is given.
+    ``calibration_inputs`` (a ``hf_attn_swap.methods.calibration.Calibration`` of this source model; GQA only) is given.
     ``calibration_mode``: ``sequential`` (layer l calibrated on the outputs of the converted layers 0..l-1) or
     ``original`` (on the source model's own activations).
 
@@ -242,6 +255,11 @@ def convert_checkpoint(
     adapter = get_adapter(config)
     layout = adapter.layout(config)
     if isinstance(target, MLAConversionConfig):
+        if calibration_inputs is not None:  # never dropped silently
+            raise ValueError(
+                "calibration_inputs applies to to='gqa'; MLA calibrates on calibration_data (use "
+                "hf_attn_swap.convert_to_mla(model, ..., calibration=...) for precomputed activations)"
+            )
         return convert_mla_checkpoint(
             src, out, config, torch_dtype, target, calibration, overwrite, device, max_shard_size, progress
         )

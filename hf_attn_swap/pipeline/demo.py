@@ -105,11 +105,14 @@ def run_demo(demo: DemoConfig, calibration: CalibrationConfig, data: EvalDataCon
             calibration_data=calibration.calibration_data or default_train_files(),
             calibration_tokens=calibration.calibration_tokens,
             calibration_window=calibration.calibration_window,
+            calibration_mode=calibration.calibration_mode,
             overwrite=True,
         )
         print(reports["mla"])
         after = reports["mla"].after
-        models[f"MLA deepseek_v3 (r {after['kv_lora_rank']} + d_rope {after['qk_rope_head_dim']})"] = str(converted)
+        models[f"MLA deepseek_v3 (r {after['kv_lora_rank']} + d_rope {after['qk_rope_head_dim']})"] = str(
+            converted
+        )
     results = evaluate_checkpoints(models, data.data, str(src), data.max_tokens, data.window)
     rows = [{"name": name, **r} for name, r in results.items()]
     print()

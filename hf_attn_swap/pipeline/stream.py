@@ -153,6 +153,8 @@ def stream_checkpoint(
         "dtype": str(dtype),
         "device": str(device),
         "max_shard_size": str(max_shard_size),
+        # the text itself, not only its paths: an edited calibration file must not resume a half-made output
+        "text_sha256": None if text is None else hashlib.sha256(text.token_ids.numpy().tobytes()).hexdigest(),
     }
     key = resume_key(src, payload)
     tune_allocator()
@@ -231,7 +233,12 @@ def stream_checkpoint(
         source.reader.close()
 
         report, saved_config = _finish_report(
-            conversion, target, config, dtype, _deepseek_plan(plan, conversion, target, dtype) if deepseek else None, bounds
+            conversion,
+            target,
+            config,
+            dtype,
+            _deepseek_plan(plan, conversion, target, dtype) if deepseek else None,
+            bounds,
         )
         report.details.update(source=str(src), options=asdict(report_options or target))
         if mla:
@@ -245,6 +252,9 @@ def stream_checkpoint(
             )
             if mla:  # GQA's calibration_tokens: the rows the method saw (GQALayers.report)
                 report.details["calibration_tokens"] = calibration.calibration_tokens if given else None
+        state_file.unlink(
+            missing_ok=True
+        )  # killed from here on: a rerun starts over (the shards get renamed)
         writer.finish()
         saved_config.dtype = dtype
         saved_config.save_pretrained(tmp)

@@ -183,7 +183,14 @@ def run_driver(runtime: str, python: Path, request: dict, timeout: float | None 
                 timeout=timeout,
             )
         if not resp.is_file():
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+            lines = log.read_text(errors="replace").splitlines()
+            missing = [ln for ln in lines if "ModuleNotFoundError" in ln or ln.startswith("ImportError")]
+            if missing:  # bad input: that interpreter has no such engine
+                raise ValueError(
+                    f"{python} cannot run the {runtime} driver ({missing[-1].strip()}): run "
+                    f"`bash scripts/install_runtimes.sh {runtime}` or pass --python an interpreter that has it"
+                )
+            tail = "\n".join(lines[-25:])
             raise RuntimeError(f"{runtime} driver ({python}) exited with {proc.returncode}:\n{tail}")
         response = json.loads(resp.read_text())
         response["returncode"] = proc.returncode
@@ -350,7 +357,7 @@ def sglang_check(models, configs, python, max_new_tokens, logprob_tolerance, tim
     for run in response["runs"]:
         row = {
             "runtime": "sglang",
-            "backend": run.get("backend", "source"),
+            "backend": run.get("backend", "default" if run.get("outputs") else "source"),
             "variant": run.get("variant") or "",
             "model": run["model"],
             "seconds": run.get("seconds"),
@@ -368,7 +375,16 @@ def sglang_check(models, configs, python, max_new_tokens, logprob_tolerance, tim
             row.update(prompts=0, tokens_equal=0, first_divergence=None, max_dlogprob=None)
             row["passed"] = not row["error"] and not failed
         result["rows"].append(row)
-    result["passed"] = all(r["passed"] for r in result["rows"])
+    reached = {r["model"] for r in result["rows"]}
+    for name in (m["name"] for m in models):  # a driver that crashed before a model: an error row, not absent
+        if name not in reached:
+            result["rows"].append({
+                "runtime": "sglang", "backend": "source", "variant": "", "model": name, "seconds": None,
+                "error": f"the sglang driver never reached {name} (exit {response.get('returncode')})",
+                "counts": True, "checks": [], "prompts": 0, "tokens_equal": 0, "first_divergence": None,
+                "max_dlogprob": None, "passed": False,
+            })  # fmt: skip
+    result["passed"] = bool(result["rows"]) and all(r["passed"] for r in result["rows"])
     return result
 
 
