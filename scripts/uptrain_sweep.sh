@@ -13,7 +13,7 @@ CLI="python3 -m hf_attn_swap"
 
 $CLI convert "$SRC" "$R/mqa-mean" --to gqa --num-kv-heads 1 --overwrite
 $CLI convert "$SRC" "$R/mqa-fit" --to gqa --num-kv-heads 1 --method fit --calibration-data $LIB --overwrite
-$CLI convert "$SRC" "$R/mla-r72-d48" --to mla --kv-lora-rank 72 --rope-dim 48 --overwrite  # high + pca on $LIB
+$CLI convert "$SRC" "$R/mla-r72-d48" --to mla --kv-lora-rank 72 --rope-dim 48 --rope-selection high --overwrite  # high + pca on $LIB (the table's method)
 
 up() {  # NAME MODEL [uptrain flags...]
   local name=$1 model=$2

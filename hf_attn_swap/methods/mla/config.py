@@ -3,7 +3,7 @@
 One set of defaults for ``convert_to_mla``, ``convert_checkpoint(..., to="mla")``, ``hf-attn-swap convert --to mla``
 and the recipes' ``convert: {to: mla, mla: {...}}``; ``convert_checkpoint`` saves it in ``conversion.json``
 (``details["options"]``). The defaults are the best measured training-free choices (README, MLA results): rope
-selection ``high``, ``pca`` factorization whenever calibration activations are available. What needs the model
+selection ``freqfold``, ``pca`` factorization whenever calibration activations are available. What needs the model
 (rank and rope-dim ranges, the family) is checked by ``validate_mla_options``. (``MLAConfig`` is the plugin model's
 ``PretrainedConfig``, ``hf_attn_swap.modeling.mla``.)
 """
