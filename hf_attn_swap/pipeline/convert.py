@@ -212,7 +212,7 @@ def convert_checkpoint(
     calibration_data=None,
     calibration_tokens: int = CalibrationConfig.calibration_tokens,
     calibration_window: int = CalibrationConfig.calibration_window,
-    calibration_mode: str = CalibrationConfig.calibration_mode,
+    calibration_mode: str | None = CalibrationConfig.calibration_mode,
     calibration_inputs=None,
     dtype: str = "auto",
     overwrite: bool = False,
@@ -232,7 +232,7 @@ def convert_checkpoint(
     read the first ``calibration_tokens`` tokens of ``calibration_data`` (``CalibrationConfig``), unless
     ``calibration_inputs`` (a ``hf_attn_swap.methods.calibration.Calibration`` of this source model; GQA only) is given.
     ``calibration_mode``: ``sequential`` (layer l calibrated on the outputs of the converted layers 0..l-1) or
-    ``original`` (on the source model's own activations).
+    ``original`` (on the source model's own activations); None: sequential for MLA, original for GQA.
 
     Llama / Mistral / Qwen2 / Qwen3 safetensors checkpoints are converted layer by layer (``pipeline.stream``):
     one decoder layer in memory at a time, on ``device`` (``cpu``, ``cuda``, ``cuda:N``), written in shards of at
@@ -247,6 +247,9 @@ def convert_checkpoint(
     parse_size(max_shard_size)
     calibration = CalibrationConfig(
         calibration_data, calibration_tokens, calibration_window, calibration_mode
+    )
+    calibration = replace(  # unset: the best measured mode of this target
+        calibration, calibration_mode=calibration.resolved_mode(isinstance(target, MLAConversionConfig))
     )
     src = check_source(src)
     out = check_output(out, src=src, overwrite=overwrite)

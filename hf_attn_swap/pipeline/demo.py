@@ -74,7 +74,7 @@ def run_demo(demo: DemoConfig, calibration: CalibrationConfig, data: EvalDataCon
         calibration_info = {
             "tokens": int(ids.numel()),
             "window": calibration.calibration_window,
-            "mode": calibration.calibration_mode,
+            "mode": calibration.calibration_mode or "sequential for MLA, original for GQA",
             "files": len(files),
             "first_file": str(files[0]),
         }
