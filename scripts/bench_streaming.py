@@ -109,10 +109,24 @@ def build_checkpoint(folder: Path, hidden=2048, layers=22, heads=32, kv_heads=32
     return total
 
 
+#: runs the CLI and, at exit, writes this process's peak RSS (VmHWM of its own address space, KiB) to stderr.
+#: ru_maxrss from wait4 is not used: Linux keeps the pre-exec high-water mark, i.e. the RSS of the parent at fork.
+PEAK_WRAPPER = """
+import atexit, runpy, sys
+def _peak():
+    with open("/proc/self/status") as status:
+        kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    sys.stderr.write(f"PEAK_RSS_KIB {kib}\\n")
+atexit.register(_peak)
+sys.argv = ["hf_attn_swap", *sys.argv[1:]]
+runpy.run_module("hf_attn_swap", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_convert(src: Path, out: Path, method: str, tokens: int, shard_size: str, extra=()) -> dict:
-    """Convert in a child process; its peak RSS (``ru_maxrss``, KiB on Linux) and wall time. ``extra``: more
-    flags (they override ``METHODS``' own)."""
-    command = [sys.executable, "-m", "hf_attn_swap", "convert", str(src), str(out), *METHODS[method],
+    """Convert in a child process; its peak RSS (VmHWM of its own address space, measured by the child at exit)
+    and wall time. ``extra``: more flags (they override ``METHODS``' own)."""
+    command = [sys.executable, "-c", PEAK_WRAPPER, "convert", str(src), str(out), *METHODS[method],
                "--calibration-tokens", str(tokens), "--max-shard-size", shard_size, *extra]  # fmt: skip
     if method != "gqa-mean":
         command += ["--calibration-data", CALIBRATION_TEXT]
@@ -124,9 +138,12 @@ def run_convert(src: Path, out: Path, method: str, tokens: int, shard_size: str,
     seconds = time.perf_counter() - began
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
+    peaks = [line.split()[1] for line in output.splitlines() if line.startswith("PEAK_RSS_KIB ")]
+    if not peaks:
+        raise RuntimeError(f"the convert process reported no peak RSS:\n{output[-3000:]}")
     written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return {
-        "peak_rss": usage.ru_maxrss * 1024,
+        "peak_rss": int(peaks[-1]) * 1024,
         "seconds": seconds,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "output_bytes": written,
