@@ -2,7 +2,7 @@
 
 Builds a synthetic Llama checkpoint (random weights, the packaged SmolLM2 tokenizer; written shard by shard, never
 whole in memory), converts it with each method in its own process, and prints that process's peak resident memory
-(``ru_maxrss`` from ``os.wait4``: the kernel's own accounting) against the checkpoint's size, and its seconds per
+(``VmHWM`` of its own address space, read by the process at exit) against the checkpoint's size, and its seconds per
 layer. Then projects memory and time for Llama-3-8B / -70B shapes from the same memory model.
 
     OMP_NUM_THREADS=2 python scripts/bench_streaming.py --workdir /tmp/bench_streaming      # ~5 GB fp32, 22 layers

@@ -1,5 +1,5 @@
 """The memory bound of layer-by-layer ``convert`` (issue: peak RSS <= 40 % of the checkpoint), measured by the
-kernel's accounting of the convert process (``ru_maxrss``) on a synthetic fp32 Llama of ~3 GB. Slow: run with
+kernel's accounting of the convert process (its own ``VmHWM`` at exit) on a synthetic fp32 Llama of ~3 GB. Slow: run with
 ``pytest -m slow tests/test_streaming_memory.py`` (the 5 GB figure of the README: ``scripts/bench_streaming.py``)."""
 
 import importlib.util
