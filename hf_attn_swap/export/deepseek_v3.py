@@ -319,6 +319,18 @@ def deepseek_v3_details(plan: DeepseekV3Plan, bounds: list[float], kappas: list[
     }
 
 
+def record_deepseek_v3(report, details: dict, num_layers: int, dtype: torch.dtype) -> None:
+    """Put the export's ``details`` into a conversion ``report``: the written (padded) latent and rope sizes and the
+    KV bytes per token they cache. One place for the in-memory and the layer-by-layer ``convert``."""
+    from ..methods.mla.convert import mla_kv_bytes_per_token
+
+    report.details["deepseek_v3"] = details
+    report.after.update(kv_lora_rank=details["kv_lora_rank"], qk_rope_head_dim=details["qk_rope_head_dim"])
+    report.kv_bytes_per_token_after = mla_kv_bytes_per_token(
+        [details["kv_lora_rank"]] * num_layers, details["qk_rope_head_dim"], 1, dtype
+    )
+
+
 @torch.no_grad()
 def to_deepseek_v3(model: nn.Module, pad_kv_lora_rank: int | None = None, pad_rope_dim: int | None = None):
     """A ``DeepseekV3ForCausalLM`` (same dtype and device) computing what the plugin MLA ``model`` computes.

@@ -18,7 +18,12 @@ from typing import Literal
 import torch
 
 from ..adapters import get_adapter
-from ..export.deepseek_v3 import check_deepseek_dtype, deepseek_v3_plan, to_deepseek_v3
+from ..export.deepseek_v3 import (
+    check_deepseek_dtype,
+    deepseek_v3_plan,
+    record_deepseek_v3,
+    to_deepseek_v3,
+)
 from ..io.checkpoints import (
     copy_sentence_transformers_files,
     copy_tokenizer_files,
@@ -33,7 +38,6 @@ from ..methods.mla import LADDER_SELECTIONS, MLAConversionConfig, select_rope_pa
 from ..methods.mla.convert import (
     convert_to_mla,
     mla_config,
-    mla_kv_bytes_per_token,
     resolve_kv_budget,
     validate_mla_options,
 )
@@ -158,16 +162,7 @@ def convert_mla_checkpoint(
     if deepseek:
         saved, details = to_deepseek_v3(model, opts.pad_kv_lora_rank, opts.pad_rope_dim)
         saved.generation_config = copy.deepcopy(model.generation_config)
-        report.details["deepseek_v3"] = details
-        report.after.update(
-            kv_lora_rank=details["kv_lora_rank"], qk_rope_head_dim=details["qk_rope_head_dim"]
-        )
-        report.kv_bytes_per_token_after = mla_kv_bytes_per_token(
-            [details["kv_lora_rank"]] * layout.num_layers,
-            details["qk_rope_head_dim"],
-            1,
-            next(model.parameters()).dtype,
-        )
+        record_deepseek_v3(report, details, layout.num_layers, next(model.parameters()).dtype)
     with atomic_output_dir(out, overwrite=overwrite) as tmp, torch.no_grad():
         saved.save_pretrained(tmp)
         copy_tokenizer_files(src, tmp)

@@ -31,6 +31,7 @@ from ..export.deepseek_v3 import (
     deepseek_v3_layer_state,
     deepseek_v3_outer_scale,
     deepseek_v3_plan,
+    record_deepseek_v3,
 )
 from ..io.checkpoints import copy_tokenizer_files
 from ..io.folders import atomic_output_dir, write_json
@@ -46,7 +47,6 @@ from ..methods.layerwise import (
     tune_allocator,
 )
 from ..methods.mla import MLAConversionConfig, MLALayers
-from ..methods.mla.convert import mla_kv_bytes_per_token
 from ..methods.report import ConversionReport
 
 STATE_DIR = ".convert-state"
@@ -296,9 +296,5 @@ def _finish_report(conversion, target, config, dtype, deepseek, bounds: dict):
     ds_config.architectures = ["DeepseekV3ForCausalLM"]
     layers = [bounds[i] for i in sorted(bounds)]
     details = deepseek_v3_details(deepseek, [b for b, _ in layers], [k for _, k in layers])
-    report.details["deepseek_v3"] = details
-    report.after.update(kv_lora_rank=details["kv_lora_rank"], qk_rope_head_dim=details["qk_rope_head_dim"])
-    report.kv_bytes_per_token_after = mla_kv_bytes_per_token(
-        [details["kv_lora_rank"]] * mla_config.num_hidden_layers, details["qk_rope_head_dim"], 1, dtype
-    )
+    record_deepseek_v3(report, details, mla_config.num_hidden_layers, dtype)
     return report, ds_config
