@@ -389,7 +389,7 @@ def test_every_written_folder_has_a_top_level_rope_theta(sources, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_convert_and_export_a_model_on_the_gpu():
-    """The float64 decompositions run on the CPU whatever the model's device; the results go back to it."""
+    """The float64 decompositions run on the model's device (CUDA has float64); the weights stay there."""
     from hf_attn_swap.methods.calibration import collect_attention_inputs
 
     cpu = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)

@@ -145,21 +145,67 @@ def test_reader_reads_layers_and_embedding_rows(source):
     assert torch.equal(torch.cat(blocks), state["lm_head.weight"])
 
 
+def test_shard_writer_resumes_from_its_state(tmp_path):
+    """A writer rebuilt from ``state()`` cuts off what was added after it, keeps the synced tensors of the shard
+    being filled, and takes a shard that ``flush`` renamed into place (killed before the new state was saved)
+    as finished; the result equals one writer that was never interrupted."""
+    from safetensors.torch import load_file
+
+    from hf_attn_swap.io.shards import ShardWriter
+
+    t = {f"t{i}": torch.full((10, 10), float(i), dtype=torch.float32 if i % 2 else torch.bfloat16) for i in range(5)}
+
+    def add(writer, *names):  # shards of 700 bytes: [t0 t1] [t2 t3] [t4]
+        for name in names:
+            if writer.overflows(t[name].numel() * t[name].element_size()):
+                writer.flush()
+            writer.add({name: t[name]})
+            writer.sync()
+
+    folders = {name: tmp_path / name for name in ("clean", "pending", "renamed")}
+    for folder in folders.values():
+        folder.mkdir()
+    writer = ShardWriter(folders["clean"], 700)
+    add(writer, *t)
+    clean = writer.finish()
+    assert len(clean) == 3
+    writer = ShardWriter(folders["pending"], 700)
+    add(writer, "t0", "t1", "t2")
+    state = writer.state()
+    writer.add({"junk": torch.ones(3)})  # written after the state: a kill here
+    writer = ShardWriter(folders["pending"], 700, state)
+    add(writer, "t3", "t4")
+    assert writer.finish() == clean
+    writer = ShardWriter(folders["renamed"], 700)
+    add(writer, "t0", "t1", "t2", "t3")
+    state = writer.state()
+    writer.flush()  # a kill here: the shard is in place, the state still lists its tensors as pending
+    writer = ShardWriter(folders["renamed"], 700, state)
+    add(writer, "t4")
+    assert writer.finish() == clean
+    for folder in folders.values():
+        assert sorted(p.name for p in folder.iterdir()) == sorted([*clean, INDEX_FILE])
+        for name in clean:
+            a, b = load_file(str(folders["clean"] / name)), load_file(str(folder / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def convert_command(src, out, files, *extra):
     return [PYTHON, "-m", "hf_attn_swap", "convert", str(src), str(out), "--to", "mla", "--kv-lora-rank", "13",
             "--rope-dim", "8", "--calibration-data", *files, "--calibration-tokens", str(TOKENS),
             "--calibration-window", str(WINDOW), "--max-shard-size", "20KB", *extra]  # fmt: skip
 
 
-def test_kill_9_mid_conversion_then_rerun_gives_the_uninterrupted_output(source, tmp_path):
-    """The process SIGKILLs itself on reaching layer 3 (shards of layers 0-2 written): no OUT, a hidden state
-    folder; the same command again resumes at the first unwritten layer and writes the same bytes as a run
-    that was never interrupted."""
+@pytest.mark.parametrize("shard", ["20KB", "10MB"])
+def test_kill_9_mid_conversion_then_rerun_gives_the_uninterrupted_output(source, tmp_path, shard):
+    """The process SIGKILLs itself on reaching layer 3 (layers 0-2 written: in closed shards of 20 kB, or all
+    in the one shard still being filled): no OUT, a hidden state folder; the same command again resumes at
+    layer 3 and writes the same bytes as a run that was never interrupted."""
     src, files = source
     digest = tree_digest(src)
     out, clean = tmp_path / "out", tmp_path / "clean"
     killed = subprocess.run(
-        convert_command(src, out, files),
+        convert_command(src, out, files, "--max-shard-size", shard),
         env=subprocess_env(**{KILL_AT_LAYER: "3"}),
         capture_output=True,
         text=True,
@@ -168,14 +214,23 @@ def test_kill_9_mid_conversion_then_rerun_gives_the_uninterrupted_output(source,
     assert not out.exists()
     (partial,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     state = json.loads((partial / STATE_DIR / "state.json").read_text())
-    assert 1 <= state["next_layer"] <= 3 and state["writer"]["shards"]
+    assert state["next_layer"] == 3  # resumes at the layer it was killed in
+    pending = {int(name.split(".")[2]) for name, _, _ in state["writer"]["pending"]}
+    assert pending == ({2} if shard == "20KB" else {0, 1, 2})  # the shard being filled, synced to layer 2
+    assert bool(state["writer"]["shards"]) == (shard == "20KB")
     resumed = subprocess.run(
-        convert_command(src, out, files), env=subprocess_env(), capture_output=True, text=True
+        convert_command(src, out, files, "--max-shard-size", shard),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not partial.exists()
     fresh = subprocess.run(
-        convert_command(src, clean, files), env=subprocess_env(), capture_output=True, text=True
+        convert_command(src, clean, files, "--max-shard-size", shard),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
     )
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
@@ -224,3 +279,62 @@ def test_cuda_device_matches_cpu(source, tmp_path):
     cuda = AutoModelForCausalLM.from_pretrained(tmp_path / "cuda").state_dict()
     for name, tensor in cpu.items():
         torch.testing.assert_close(cuda[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+DEVICE_CASES = {
+    "mla-freqfold-pca": MLAConversionConfig(12, 8, format="plugin"),
+    "mla-norm-pca": MLAConversionConfig(12, 8, format="plugin", rope_selection="norm"),
+    "mla-uniform-2-rope-keys": MLAConversionConfig(12, 8, rope_selection="uniform", num_rope_key_heads=2),
+    **{f"gqa-{name}": GQAConfig(1, name) for name in ("mean", "align", "fit", "group-fit")},
+}
+
+
+class DevicelessTensors(torch.overrides.TorchFunctionMode):
+    """Records where a floating-point tensor is created without ``device=``: on a GPU it would land on the CPU
+    and meet the layer's tensors there (index tensors may stay on the CPU: indexing moves them)."""
+
+    FACTORIES = {torch.zeros, torch.ones, torch.eye, torch.full, torch.empty, torch.arange, torch.tensor,
+                 torch.linspace, torch.rand, torch.randn}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        floating = torch.is_tensor(out) and (out.is_floating_point() or out.is_complex())
+        if func in self.FACTORIES and floating and kwargs.get("device") is None:
+            import traceback
+
+            caller = traceback.extract_stack(limit=2)[0]
+            self.found.append(f"{caller.filename.rsplit('/', 1)[-1]}:{caller.lineno} {func.__name__}")
+        return out
+
+
+@pytest.mark.parametrize("name", list(DEVICE_CASES))
+def test_decompositions_create_their_tensors_on_the_layer_device(name):
+    """--device: each layer's math runs where the layer lives (``methods.device.math_device``), so every
+    floating-point tensor the methods create must be created on their inputs' device (``device=``)."""
+    from hf_attn_swap.adapters import get_adapter
+    from hf_attn_swap.methods.device import math_device
+    from hf_attn_swap.methods.gqa.convert import convert_gqa_layer
+    from hf_attn_swap.methods.gqa.registry import GQA_METHODS
+    from hf_attn_swap.methods.mla.convert import MLALayerConverter
+
+    assert math_device("cpu") == torch.device("cpu")
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
+    attn = model.model.layers[1].self_attn
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(96, model.config.hidden_size, generator=generator)
+    key_weights = torch.rand(96, generator=generator) + 0.5
+    options = DEVICE_CASES[name]
+    with DevicelessTensors() as mode:
+        if name.startswith("mla"):
+            converter = MLALayerConverter(model.config, options, "pca", 1.0)
+            converter.plan(1, attn, inputs)
+        else:
+            adapter = get_adapter(model.config)
+            layout = adapter.layout(model.config)
+            convert_gqa_layer(adapter, attn, 1, layout, 1, GQA_METHODS[options.method], inputs, key_weights)
+    assert mode.found == []

@@ -86,19 +86,18 @@ class AttentionWeights:
     def num_key_value_heads(self) -> int:
         return self.k.shape[0]
 
-    def cpu(self) -> AttentionWeights:
-        """The same weights on the CPU (methods compute there: their statistics live there)."""
-        moved = {name: None if t is None else t.cpu() for name, t in self.tensors().items()}
-        return replace(self, **moved)
-
     def tensors(self) -> dict[str, torch.Tensor | None]:
         """The projections and biases by name (``extra`` excluded)."""
         return {
             name: getattr(self, name) for name in ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias")
         }
 
-    def to(self, dtype: torch.dtype) -> AttentionWeights:
-        cast = {name: None if t is None else t.to(dtype, copy=True) for name, t in self.tensors().items()}
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> AttentionWeights:
+        """A copy in ``dtype`` (on ``device`` when given)."""
+        cast = {
+            name: None if t is None else t.to(device=device, dtype=dtype, copy=True)
+            for name, t in self.tensors().items()
+        }
         return replace(self, **cast)
 
 

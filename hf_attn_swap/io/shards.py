@@ -7,9 +7,10 @@
 ``ShardWriter``: tensors added in groups (one layer) go to disk at once and make one shard until the next group
 would take it past ``max_shard_size`` bytes (a group larger than that is a shard of its own);
 ``finish()`` names the shards ``model-0000i-of-0000N.safetensors`` (``model.safetensors`` when there is one) and
-writes ``model.safetensors.index.json``, as ``save_pretrained`` does. Every flush is a resumable point: the
-writer's own state (``state()``) lists the finished shards, and ``ShardWriter(folder, ..., state=...)`` continues
-from it, deleting whatever a killed run left half-written.
+writes ``model.safetensors.index.json``, as ``save_pretrained`` does. Every ``sync`` (and flush) is a resumable
+point: the writer's own state (``state()``) lists the finished shards and the tensors already in the shard being
+filled, and ``ShardWriter(folder, ..., state=...)`` continues from it, cutting off whatever a killed run wrote
+after that point.
 """
 
 from __future__ import annotations
@@ -197,19 +198,39 @@ class ShardWriter:
     def __init__(self, folder: str | Path, max_shard_size: int | str, state: dict | None = None):
         self.folder = Path(folder)
         self.max_shard_size = parse_size(max_shard_size)
-        self.shards: list[list[str]] = [list(s) for s in (state or {}).get("shards", [])]
-        self.total = int((state or {}).get("total", 0))
-        self.pending: list[tuple[str, torch.dtype, list[int]]] = []
-        self.pending_bytes = 0
+        state = state or {}
+        self.shards: list[list[str]] = [list(s) for s in state.get("shards", [])]
+        self.total = int(state.get("total", 0))
+        self.pending: list[tuple[str, torch.dtype, list[int]]] = [
+            (name, getattr(torch, dtype), list(shape)) for name, dtype, shape in state.get("pending", [])
+        ]
+        self.pending_bytes = int(state.get("pending_bytes", 0))
+        self._data = None
+        if self.pending and (self.folder / self._name(len(self.shards))).is_file():
+            # killed after ``flush`` renamed the shard into place, before the caller saved the new state
+            self.shards.append([name for name, _, _ in self.pending])
+            self.total += self.pending_bytes
+            self.pending, self.pending_bytes = [], 0
         keep = {self._name(i) for i in range(len(self.shards))}
-        for stale in self.folder.glob("shard-*"):  # what a killed run was writing
+        if self.pending:
+            keep.add(self._data_path().name)
+        for stale in self.folder.glob("shard-*"):  # what a killed run was writing after its last state
             if stale.name not in keep:
                 stale.unlink()
-        if state is None:  # a run killed inside finish() left final names behind
+        if self.pending:  # bytes written after the last state are cut off
+            data = self._data_path()
+            if not data.is_file() or data.stat().st_size < self.pending_bytes:
+                raise RuntimeError(
+                    f"{str(data)!r} is shorter than its saved state: delete the folder {str(self.folder)!r} "
+                    "and run again"
+                )
+            self._data = open(data, "r+b")  # noqa: SIM115 - closed by flush
+            self._data.truncate(self.pending_bytes)
+            self._data.seek(self.pending_bytes)
+        if not state:  # a run killed inside finish() left final names behind
             for stale in [*self.folder.glob("model-*-of-*.safetensors"), self.folder / SINGLE_FILE]:
                 stale.unlink(missing_ok=True)
             (self.folder / INDEX_FILE).unlink(missing_ok=True)
-        self._data = None
 
     @staticmethod
     def _name(i: int) -> str:
@@ -247,8 +268,14 @@ class ShardWriter:
         self.pending_bytes += size
 
     def written(self) -> set[str]:
-        """Names of the tensors already in finished shards."""
-        return {name for shard in self.shards for name in shard}
+        """Names of the tensors already written (finished shards and the one being filled)."""
+        return {name for shard in self.shards for name in shard} | {name for name, _, _ in self.pending}
+
+    def sync(self) -> None:
+        """Put the bytes added so far on disk (fsync): ``state()`` is then a point a rerun can resume from."""
+        if self._data is not None:
+            self._data.flush()
+            os.fsync(self._data.fileno())
 
     def flush(self) -> None:
         """Write the shard being filled (atomically: a temporary name, then renamed)."""
@@ -272,8 +299,11 @@ class ShardWriter:
         self.pending, self.pending_bytes = [], 0
 
     def state(self) -> dict:
-        """The finished shards (JSON-able): pass it back as ``state`` to continue after a kill."""
-        return {"shards": self.shards, "total": self.total}
+        """The finished shards and the tensors of the one being filled (JSON-able; call ``sync`` first): pass
+        it back as ``state`` to continue after a kill."""
+        pending = [[name, str(dtype).removeprefix("torch."), shape] for name, dtype, shape in self.pending]
+        shards = [list(names) for names in self.shards]
+        return {"shards": shards, "total": self.total, "pending": pending, "pending_bytes": self.pending_bytes}
 
     def finish(self) -> list[str]:
         """Flush, give the shards their final names and write the index; returns the file names."""

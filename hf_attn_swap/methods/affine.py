@@ -8,7 +8,7 @@ import torch
 
 def with_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """[..., out, hidden] + [..., out] -> [..., out, hidden+1] float64 (a zero column when there is no bias)."""
-    bias = torch.zeros(weight.shape[:-1], dtype=weight.dtype) if bias is None else bias
+    bias = torch.zeros(weight.shape[:-1], dtype=weight.dtype, device=weight.device) if bias is None else bias
     return torch.cat([weight, bias.unsqueeze(-1)], dim=-1).to(torch.float64)
 
 

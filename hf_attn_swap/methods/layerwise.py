@@ -18,7 +18,8 @@ with ``convert(l, layer, inputs, key_weights) -> layer``, ``needs_calibration`` 
 5. ``on_layer(l, layer, h_{l+1})``: the caller saves or keeps the layer, and may checkpoint h_{l+1}.
 
 Memory: one layer, h (tokens x hidden in the compute dtype) and the method's per-layer statistics.
-Forwards run on the layers' device in their dtype; the methods' decompositions run in float64 on the CPU.
+Forwards run on the layers' device in their dtype; the methods' decompositions run in float64 on that device too,
+or on the CPU where it has no float64 (``methods.device.math_device``).
 """
 
 from __future__ import annotations

@@ -330,7 +330,8 @@ class ConvertArguments:
     dtype: DType = field(default="auto", metadata={"help": "dtype to load and save (auto: the checkpoint's)"})
     overwrite: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
     device: str = field(
-        default="cpu", metadata={"help": "where each layer's forward runs: cpu, cuda or cuda:N"}
+        default="cpu",
+        metadata={"help": "where each layer's forwards and float64 decompositions run: cpu, cuda or cuda:N"},
     )
     max_shard_size: str = field(
         default=DEFAULT_MAX_SHARD_SIZE, metadata={"help": "largest output shard (e.g. 500MB, 5GB)"}

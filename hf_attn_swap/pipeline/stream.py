@@ -8,10 +8,11 @@ Peak memory: one layer (source and converted) + its float64 attention math + the
 (tokens x hidden); output shards fill on disk, and tensors copied through go over in blocks of rows.
 
 Resuming: OUT is written through ``atomic_output_dir(resume_key=...)``, whose hidden folder is named after a hash
-of everything the output depends on (source files, options, text, dtype, device, shard size, versions). Before a
-shard is written, the layer it ends at, the carried calibration hidden states and the methods' per-layer records
-go to ``.convert-state/`` there; a rerun of the same command continues from the first layer after the last written
-shard and writes the same bytes as an uninterrupted run. OUT appears only when everything is written.
+of everything the output depends on (source files, options, text, dtype, device, shard size, versions). After
+each layer is written (its bytes fsynced into the shard being filled), the next layer's index, its calibration
+hidden states and the methods' per-layer records go to ``.convert-state/`` there; a rerun of the same command
+continues from the layer after the last finished one and writes the same bytes as an uninterrupted run. OUT
+appears only when everything is written.
 """
 
 from __future__ import annotations
@@ -99,20 +100,22 @@ def resume_key(src: Path, payload: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _save_stream(folder: Path, stream: list[torch.Tensor] | None) -> None:
+def _save_stream(folder: Path, layer: int, stream: list[torch.Tensor]) -> str:
+    """Save layer ``layer``'s calibration inputs as ``stream-<layer>.safetensors``; returns the file name."""
     from safetensors.torch import save_file
 
-    tmp = folder / "stream.safetensors.tmp"
-    tensors = {} if stream is None else {str(i): t.detach().cpu().contiguous() for i, t in enumerate(stream)}
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / "stream.safetensors")
+    name = f"stream-{layer}.safetensors"
+    tmp = folder / (name + ".tmp")
+    save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(stream)}, str(tmp))
+    os.replace(tmp, folder / name)
+    return name
 
 
-def _load_stream(folder: Path, device) -> list[torch.Tensor] | None:
+def _load_stream(folder: Path, name: str, device) -> list[torch.Tensor]:
     from safetensors.torch import load_file
 
-    tensors = load_file(str(folder / "stream.safetensors"))
-    return [tensors[str(i)].to(device) for i in range(len(tensors))] or None
+    tensors = load_file(str(folder / name))
+    return [tensors[str(i)].to(device) for i in range(len(tensors))]
 
 
 def stream_checkpoint(
@@ -172,26 +175,35 @@ def stream_checkpoint(
         bounds: dict[int, list[float]] = {}  # layer -> [latent norm error bound, kappa] (deepseek_v3)
         plan: dict = {}
         start, stream = 0, None
+        stream_file = {"name": None}  # the stream file the state names
         if state is not None:
             start = state["next_layer"]
             conversion.restore(state["records"])
             bounds = {int(i): b for i, b in state["bounds"].items()}
-            if text is not None:
-                stream = _load_stream(state_dir, device)
+            stream_file["name"] = state["stream"]
+            if text is not None and start < source.num_layers:
+                stream = _load_stream(state_dir, state["stream"], device)
         elif text is not None:
             stream = initial_stream(source, text)
-        inputs = {"stream": stream}  # the calibration inputs of the layer being converted
 
-        def checkpoint(next_layer: int, stream) -> None:
-            """Write the buffered shard, then the state a rerun resumes from (``next_layer`` onwards)."""
-            writer.flush()
-            if text is not None:
-                _save_stream(state_dir, stream)
+        def checkpoint(next_layer: int, stream=None) -> None:
+            """Save the state a rerun resumes from (``next_layer`` onwards, its calibration inputs ``stream``, or
+            those already saved for it when None): the written bytes are synced first, the state replaced
+            atomically, and only then is the previous stream file deleted."""
+            writer.sync()
+            if next_layer >= source.num_layers:
+                stream_file["name"] = None
+            elif stream is not None:
+                stream_file["name"] = _save_stream(state_dir, next_layer, stream)
             records = conversion.records()
             write_json(
                 state_file,
-                {"next_layer": next_layer, "writer": writer.state(), "records": records, "bounds": bounds},
-            )
+                {"next_layer": next_layer, "stream": stream_file["name"], "writer": writer.state(),
+                 "records": records, "bounds": bounds},
+            )  # fmt: skip
+            for old in state_dir.glob("stream-*"):
+                if old.name != stream_file["name"]:
+                    old.unlink()
 
         def on_layer(idx: int, layer, following) -> None:
             if os.environ.get(KILL_AT_LAYER) == str(idx):
@@ -207,14 +219,14 @@ def stream_checkpoint(
                 tensors = {f"model.layers.{idx}.{k}": v for k, v in layer.state_dict().items()}
             tensors = {k: v.detach().to(dtype) for k, v in tensors.items()}
             if writer.overflows(sum(tensor_bytes(t) for t in tensors.values())):
-                checkpoint(idx, inputs["stream"])
+                writer.flush()
+                checkpoint(idx)
             writer.add(tensors)
-            inputs["stream"] = following
             del tensors
+            checkpoint(idx + 1, following)
 
         if start < source.num_layers:
             convert_layers(source, conversion, text, on_layer, start=start, stream=stream, progress=progress)
-            inputs["stream"] = None
         written = writer.written()
         outer = {name: name for name in source.other_tensors()}  # output name -> source name
         if deepseek and "lm_head.weight" not in outer:  # stock deepseek_v3 is untied: write the tied head
@@ -225,11 +237,13 @@ def stream_checkpoint(
             stored, shape, blocks = source.reader.blocks(source_name)  # block by block: never the whole table
             saved = dtype if stored.is_floating_point else stored
             if writer.overflows(torch.Size(shape).numel() * torch.empty((), dtype=saved).element_size()):
-                checkpoint(source.num_layers, None)
+                writer.flush()
+                checkpoint(source.num_layers)
             if deepseek:  # the embeddings write the rescaled residual stream (hf_attn_swap.export)
                 scale = deepseek_v3_outer_scale(name, _deepseek_plan(plan, conversion, target, dtype))
                 blocks = (b if scale == 1.0 else (b.double() * scale) for b in blocks)
             writer.add_blocks(name, saved, shape, blocks)
+            checkpoint(source.num_layers)
         source.reader.close()
 
         report, saved_config = _finish_report(

@@ -115,7 +115,7 @@ def align_heads(weights: AttentionWeights, ctx: LayerContext) -> AttentionWeight
         kc, qc = to_complex(k, pairs), to_complex(q, pairs)  # [G, s, P, D]
         pair_grams = gram(kc.transpose(1, 2), moment)  # [G, P, s, s]
         phases = synchronise_phases(pair_grams).transpose(1, 2)  # [G, s, P]
-        phases = torch.where(commuting_pairs(ctx, pairs), phases, torch.ones_like(phases))
+        phases = torch.where(commuting_pairs(ctx, pairs).to(phases.device), phases, torch.ones_like(phases))
         k = from_complex(k, pairs, kc * phases.unsqueeze(-1))
         q = from_complex(q, pairs, qc * phases.unsqueeze(-1))
     if len(plain) and not ctx.has_qk_norm:

@@ -7,6 +7,7 @@ from torch import nn
 
 from ...adapters import AttentionLayout, get_adapter
 from ..calibration import Calibration, CalibrationText
+from ..device import math_device
 from ..layerwise import ModelLayers, convert_layers
 from ..report import ConversionReport, kv_bytes_per_token, model_dtype
 from .base import GQAMethod, LayerContext
@@ -42,19 +43,21 @@ def layer_context(
     num_key_value_heads: int,
     inputs: torch.Tensor | None = None,
     key_weights: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> LayerContext:
-    """What a method sees of one attention module: target head count, calibration inputs, q/k norm weights."""
+    """What a method sees of one attention module: target head count, calibration inputs, q/k norm weights
+    (all on ``device``, where the method's math runs)."""
 
     def norm_weight(name):  # a per-head norm on q or k (Qwen3's ``q_norm``/``k_norm``), if any
         weight = getattr(getattr(attn, name, None), "weight", None)
-        return None if weight is None else weight.detach().float().cpu()
+        return None if weight is None else weight.detach().to(device=device, dtype=torch.float32)
 
     return LayerContext(
         layer_idx=layer_idx,
         layout=layout,
         num_key_value_heads=num_key_value_heads,
-        inputs=None if inputs is None else inputs.float(),
-        key_weights=None if key_weights is None else key_weights.float(),
+        inputs=None if inputs is None else inputs.to(device=device, dtype=torch.float32),
+        key_weights=None if key_weights is None else key_weights.to(device=device, dtype=torch.float32),
         q_norm_weight=norm_weight("q_norm"),
         k_norm_weight=norm_weight("k_norm"),
     )
@@ -104,12 +107,10 @@ def convert_gqa_layer(
     """One layer's new attention weights (read with ``adapter``; float32 math, cast back to the module's dtype)
     and the query-head order the method chose (or None): the per-layer step of ``convert_to_gqa`` and of the
     layer-by-layer pipeline (``hf_attn_swap.methods.layerwise``)."""
-    ctx = layer_context(attn, layer_idx, layout, num_key_value_heads, inputs, key_weights)
     weights = adapter.read(attn)
-    dtype = weights.q.dtype
-    weights = weights.to(torch.float32)
-    if method.needs_calibration:  # calibration statistics live on the CPU; write() moves weights back
-        weights = weights.cpu()
+    dtype, device = weights.q.dtype, math_device(weights.q.device)
+    weights = weights.to(torch.float32, device)  # write() puts them back on the module's device
+    ctx = layer_context(attn, layer_idx, layout, num_key_value_heads, inputs, key_weights, device)
     return method.convert_layer(weights, ctx).to(dtype), ctx.cache.get("head_order")
 
 

@@ -42,9 +42,12 @@ def head_distances(weights: AttentionWeights, ctx: LayerContext, aligned: bool) 
     k = with_bias(weights.k, weights.k_bias)
     v = with_bias(weights.v, weights.v_bias)
     pairs, plain = rotary_pairs(ctx.layout.rope, d)
-    k_dist = torch.zeros(weights.num_key_value_heads, weights.num_key_value_heads, dtype=torch.float64)
+    k_dist = torch.zeros(
+        weights.num_key_value_heads, weights.num_key_value_heads, dtype=torch.float64, device=k.device
+    )
     if len(pairs):
         rotatable = commuting_pairs(ctx, pairs) if aligned else torch.zeros(len(pairs), dtype=torch.bool)
+        rotatable = rotatable.to(k.device)
         kc = to_complex(k, pairs).transpose(0, 1).unsqueeze(-2)  # [P, H, 1, D]
         cross = gram(kc.unsqueeze(2), moment, kc.unsqueeze(1))[..., 0, 0]  # [P, H, H]
         energy = cross.diagonal(dim1=-2, dim2=-1).real

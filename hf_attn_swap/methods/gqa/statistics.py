@@ -43,7 +43,7 @@ def _augmented_inputs(ctx: LayerContext) -> torch.Tensor:
             f"layer {ctx.layer_idx}: this method needs calibration activations (CLI: --calibration-data FILE...)"
         )
     x = ctx.inputs.to(torch.float64)
-    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
 
 
 def rotary_pairs(rope: RopeInfo, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,5 +90,5 @@ def commuting_pairs(ctx: LayerContext, pairs: torch.Tensor) -> torch.Tensor:
                 f"{ctx.layout.family}: q/k norm over {weight.numel()} features (not one head of "
                 f"{ctx.layout.head_dim}) cannot be kept exact under per-head transforms; use --method mean"
             )
-        ok &= weight[pairs[:, 0]] == weight[pairs[:, 1]]
+        ok = ok.to(weight.device) & (weight[pairs[:, 0]] == weight[pairs[:, 1]])
     return ok

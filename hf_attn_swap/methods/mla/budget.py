@@ -62,7 +62,7 @@ def allocate_ranks(
     ranks = [min_rank] * layers
     candidates = []
     for layer, (energy, cap) in enumerate(zip(spectra, max_ranks, strict=True)):
-        energy = energy.double().clamp_min(0)
+        energy = energy.double().cpu().clamp_min(0)
         total = float(energy.sum()) or 1.0
         gains = torch.zeros(cap, dtype=torch.float64)
         gains[: min(cap, energy.numel())] = energy[:cap] / total

@@ -29,6 +29,7 @@ from ..calibration import CalibrationText
 from ..gqa.base import per_query_head
 from ..layerwise import ModelLayers, convert_layers
 from ..report import ConversionReport, kv_bytes_per_token, model_dtype
+from ..device import math_device
 from .budget import allocate_ranks
 from .config import MLAConversionConfig
 from .factorize import JointKV, joint_kv
@@ -174,8 +175,10 @@ def _plan_layer(
     q = with_bias(weights.q, weights.q_bias)
     k = with_bias(weights.k, weights.k_bias)
     # calibration rows [x ; 1] and their second moment E[x x^T] (identity without calibration)
-    x = None if inputs is None else with_bias(inputs.double().cpu(), torch.ones(len(inputs), dtype=q.dtype))
-    moment = torch.eye(hidden + 1, dtype=q.dtype) if x is None else x.T @ x / len(x)
+    if inputs is not None:
+        inputs = inputs.to(device=q.device, dtype=q.dtype)
+    x = None if inputs is None else with_bias(inputs, torch.ones(len(inputs), dtype=q.dtype, device=q.device))
+    moment = torch.eye(hidden + 1, dtype=q.dtype, device=q.device) if x is None else x.T @ x / len(x)
     if rope_selection == "freqfold":
         q_rope, rope_key, k_nope, pairs = freqfold(
             q, k, layout, qk_rope_head_dim, fold, moment, rope_heads, fold_ladder
@@ -185,7 +188,7 @@ def _plan_layer(
         first, second = pair_dims(layout, pairs)
         m, group = len(pairs), kv_heads // rope_heads
         u = rope_key_mixing(k, first, second, moment, rope_heads)  # [H_kv, m]
-        rope_of_kv = torch.arange(kv_heads) // group
+        rope_of_kv = torch.arange(kv_heads, device=q.device) // group
         shared = torch.stack([k[:, first], k[:, second]], dim=1) * u[:, None, :, None]  # [H_kv, 2, m, hidden+1]
         rope_key = shared.view(rope_heads, group, 2 * m, -1).sum(1)  # [n, d_rope, hidden+1]
         k_nope = k.clone()
@@ -291,7 +294,8 @@ class MLALayerConverter:
     pipeline (``hf_attn_swap.methods.layerwise``, one decoder layer in memory at a time).
 
     Per layer: ``plan(idx, attn, inputs)`` (the pure per-layer math, ``_plan_layer``: a function of the layer's
-    weights, its calibration inputs [N, hidden] and the options only; float64 on the CPU), then
+    weights, its calibration inputs [N, hidden] and the options only; float64 on the layer's device, or on the
+    CPU where that device has no float64: ``methods.device.math_device``), then
     ``build(idx, layer, plan, rank)`` rewrites that decoder layer in place into an ``MLADecoderLayer`` (its
     dtype and device kept). ``config()`` and ``report()`` describe the layers built so far.
     """
@@ -315,7 +319,8 @@ class MLALayerConverter:
         if needs_calibration(self.factorization) and inputs is None:
             raise ValueError(f"layer {idx}: factorization {self.factorization!r} needs calibration inputs")
         opts = self.options
-        weights = self.adapter.read(attn).to(torch.float64).cpu()
+        weights = self.adapter.read(attn)
+        weights = weights.to(torch.float64, math_device(weights.q.device))
         if self.biases is None:
             self.biases = (
                 weights.q_bias is not None,

@@ -84,4 +84,8 @@ def joint_kv(
         values, basis = values.flip(0).clamp_min(0), basis.flip(1)
         basis = basis[:, : min(joint.shape)]
         values = values[: min(joint.shape)]
+    # singular/eigen vectors are defined up to sign, which differs between LAPACK builds and devices: make the
+    # largest entry of each column positive, so the same command gives the same weights on CPU and GPU
+    top = basis.abs().argmax(0, keepdim=True)
+    basis = basis * torch.where(basis.gather(0, top) < 0, -1.0, 1.0).to(basis.dtype)
     return JointKV(basis=basis, energy=values, alpha=alpha, key_rows=k_nope.shape[0], joint=joint)

@@ -83,13 +83,14 @@ def freqfold(
     wq, wk = _complex_rows(q, first, second), _complex_rows(k, first, second)  # [H, P, cols], [H_kv, P, cols]
     sigma = moment.to(wk.dtype)
     rep = ladder if ladder_frequencies else [fold * (slot // comps) for slot in range(m)]
-    rope_key = torch.zeros(num_rope_key_heads, m, k.shape[-1], dtype=wk.dtype)
-    q_rope = torch.zeros(heads, m, q.shape[-1], dtype=wq.dtype)
+    device = k.device
+    rope_key = torch.zeros(num_rope_key_heads, m, k.shape[-1], dtype=wk.dtype, device=device)
+    q_rope = torch.zeros(heads, m, q.shape[-1], dtype=wq.dtype, device=device)
     residual = wk.clone()
     for rope_head in range(num_rope_key_heads):
-        kv_of = torch.arange(rope_head * group, (rope_head + 1) * group)
+        kv_of = torch.arange(rope_head * group, (rope_head + 1) * group, device=device)
         for window in range(windows):
-            span = torch.arange(window * fold, (window + 1) * fold)
+            span = torch.arange(window * fold, (window + 1) * fold, device=device)
             rows = wk[kv_of][:, span].reshape(group * fold, -1)  # slots (g, p), g-major
             cov = rows @ sigma @ rows.conj().T  # C = E[k k^H]
             values, vectors = torch.linalg.eigh(cov)
@@ -102,7 +103,7 @@ def freqfold(
             centroid = (weight * span.to(weight.dtype)).sum(-1)
             u = u[centroid.argsort()]
             keys = u.conj() @ rows  # k'_t rows [c, cols]
-            slots = window * comps + torch.arange(comps)
+            slots = window * comps + torch.arange(comps, device=device)
             rope_key[rope_head, slots] = keys
             u_g = u.view(comps, group, fold)
             for local, g in enumerate(kv_of.tolist()):

@@ -111,7 +111,7 @@ def rope_key_mixing(
     heads, m = k.shape[0], first.numel()
     group = heads // num_rope_key_heads
     if group == 1:
-        return torch.ones(heads, m, dtype=k.dtype)
+        return torch.ones(heads, m, dtype=k.dtype, device=k.device)
     slices = torch.stack([k[:, first], k[:, second]], dim=2)  # [H_kv, m, 2, hidden + 1]
     slices = slices.view(num_rope_key_heads, group, m, 2, -1)
     gram = torch.einsum("rgmdi,ij,rhmdj->rmgh", slices, moment, slices)  # [n, m, G, G]
