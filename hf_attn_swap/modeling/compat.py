@@ -17,6 +17,7 @@ import functools
 
 import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput
 
 #: the keyword transformers' models and ``generate()`` use for the cache in the installed version
 CACHE_KWARG: str = (
@@ -61,7 +62,9 @@ def output_cache(outputs):
     """The cache a model returned (``outputs.cache`` from 5.24, ``outputs.past_key_values`` before), or None,
     without tripping transformers' deprecation warning. Also finds the cache in a forward's keyword arguments."""
     if isinstance(outputs, dict):
-        for name in CACHE_KWARGS[:2]:
+        # a model output knows only the installed version's name (the other one warns); kwargs may hold either
+        names = (CACHE_KWARG,) if isinstance(outputs, ModelOutput) else CACHE_KWARGS[:2]
+        for name in names:
             if outputs.get(name) is not None:
                 return outputs[name]
     return None
