@@ -62,8 +62,8 @@ def main():
         options = MLAConversionConfig(**spec)
         started = time.time()
         model = copy.deepcopy(original)
-        text = calibration if mode == "original" else CalibrationText(calib_ids, 512, mode)
-        convert_to_mla(model, options, calibration=text)
+        given = calibration if mode == "original" else CalibrationText(calib_ids, 512, mode)
+        convert_to_mla(model, options, calibration=given)
         print(f"{text}: converted in {time.time() - started:.0f} s", flush=True)
         models[text] = model
     results = evaluate_models(models, eval_ids, window=1024, reference=original, progress=False)
