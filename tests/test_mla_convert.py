@@ -111,6 +111,76 @@ def test_pca_beats_svd_on_the_calibration_activations():
     assert errors["pca", 4] > errors["pca", 16] > errors["pca", 40]
 
 
+def test_metric_pca_minimises_the_error_in_its_metric_and_key_weights_in_theirs():
+    """weighting.py: with metrics (S, T), joint_kv keeps the best rank-r subspace of [S K ; T V] x, so its error
+    measured in that metric is never above plain PCA's; with key weights b, the moment E[b x x^T] makes the
+    b-weighted error minimal. Both decoders are S^-1 / T^-1 of the metric basis (checked through the error)."""
+    from hf_attn_swap.methods.mla.weighting import head_metrics, weighted_moment
+
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, d, hidden = 4, 2, 8, 24
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    q, k, v, o = randn(heads, d, hidden), randn(kv_heads * d, hidden), randn(kv_heads * d, hidden), randn(hidden, heads, d)
+    x = randn(400, hidden) @ randn(hidden, hidden)
+    b = torch.rand(400, generator=generator, dtype=torch.float64) ** 4  # a few keys take most attention
+    moment = x.T @ x / len(x)
+    assert head_metrics(q, o, moment, kv_heads, 0.0) is None
+    (s, s_inv), (t, t_inv) = head_metrics(q, o, moment, kv_heads, 1.0)
+    eye = torch.eye(kv_heads * d, dtype=torch.float64)
+    torch.testing.assert_close(s @ s_inv, eye) and torch.testing.assert_close(t @ t_inv, eye)
+    assert torch.equal(s[:d, d:], torch.zeros(d, d, dtype=torch.float64))  # block-diagonal: one block per KV head
+
+    def error(factors, rank, rows, metric=(eye, eye)):
+        down, up_k, up_v = factors.factors(rank)
+        dk = metric[0] @ (k - up_k @ down) @ rows.T
+        dv = metric[1] @ (v - up_v @ down) @ rows.T
+        return (dk.square().sum() + dv.square().sum()).item()
+
+    plain = joint_kv(k, v, "pca", moment, balance=False)
+    metric = joint_kv(k, v, "pca", moment, balance=False, metrics=head_metrics(q, o, moment, kv_heads, 1.0))
+    weighted = joint_kv(k, v, "pca", weighted_moment(x, b, 1.0), balance=False)
+    root_b = x * b.sqrt()[:, None]
+    for rank in (3, 8, 20):
+        assert error(metric, rank, x, (s, t)) <= error(plain, rank, x, (s, t)) * (1 + 1e-9)
+        assert error(weighted, rank, root_b) <= error(plain, rank, root_b) * (1 + 1e-9)
+    assert error(metric, 3, x, (s, t)) < 0.99 * error(plain, 3, x, (s, t))
+    assert error(weighted, 3, root_b) < 0.99 * error(plain, 3, root_b)
+    full = 2 * kv_heads * d  # full rank: exact whatever the metric
+    assert error(metric, full, x) <= 1e-18 * (k @ x.T).square().sum().item()
+    torch.testing.assert_close(weighted_moment(x, None, 1.0), moment)
+    torch.testing.assert_close(weighted_moment(x, b, 0.0), moment)
+    torch.testing.assert_close(weighted_moment(x, torch.full((400,), 3.0, dtype=torch.float64), 1.0), moment)
+
+
+def test_key_weights_reach_the_latent_from_every_calibration_path():
+    """CalibrationText (layer by layer) and collect_calibration(key_weights=True) give the same conversion; plain
+    collected inputs (no key weights) convert with unweighted statistics, recorded as key_weight_power 0."""
+    from hf_attn_swap.methods.calibration import CalibrationText, collect_calibration
+
+    ids = torch.arange(3, 99) % 128
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    runs, reports = {}, {}
+    for name in ("text", "collected", "inputs", "power 0"):
+        converted = copy.deepcopy(model)
+        if name == "text":
+            calibration = CalibrationText(ids, 48, "original")
+        elif name == "collected":
+            calibration = collect_calibration(converted, ids, window=48, key_weights=True)
+        else:
+            calibration = collect_attention_inputs(converted, ids, window=48)
+        power = 0.0 if name == "power 0" else 1.0
+        reports[name] = convert_to_mla(converted, 12, 8, calibration=calibration, key_weight_power=power)
+        runs[name] = state(converted)
+    assert all(torch.equal(runs["text"][n], t) for n, t in runs["collected"].items())
+    assert all(torch.equal(runs["inputs"][n], t) for n, t in runs["power 0"].items())
+    assert any(not torch.equal(runs["inputs"][n], t) for n, t in runs["collected"].items())
+    assert reports["collected"].details["key_weight_power"] == 1.0
+    assert reports["inputs"].details["key_weight_power"] == 0.0
+
+
 def test_energy_rank_allocation_matches_brute_force_and_budget():
     spectra = [
         torch.tensor([5.0, 3.0, 1.0, 0.5]),
@@ -188,6 +258,8 @@ def test_truncated_rank_shrinks_cache_and_changes_output():
         (dict(kv_lora_rank=8, qk_rope_head_dim=8, factorization="qr"), "unknown factorization"),
         (dict(kv_lora_rank=8, qk_rope_head_dim=8, factorization="pca"), "needs calibration"),
         (dict(kv_lora_rank=8, qk_rope_head_dim=8, rank_allocation="random"), "unknown rank allocation"),
+        (dict(kv_lora_rank=8, qk_rope_head_dim=8, key_weight_power=-1), "key_weight_power must be a number"),
+        (dict(kv_lora_rank=8, qk_rope_head_dim=8, latent_metric_power="x"), "latent_metric_power must be"),
     ],
 )
 def test_bad_options_raise_before_touching_the_model(kwargs, match):

@@ -17,7 +17,7 @@ from hf_attn_swap.export import to_deepseek_v3
 from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer
 from hf_attn_swap.io.shards import INDEX_FILE, CheckpointReader, parse_size
 from hf_attn_swap.io.text import load_token_ids
-from hf_attn_swap.methods.calibration import CalibrationText, collect_attention_inputs, collect_calibration
+from hf_attn_swap.methods.calibration import CalibrationText, collect_calibration
 from hf_attn_swap.methods.gqa import GQAConfig, convert_to_gqa
 from hf_attn_swap.methods.mla import MLAConversionConfig
 from hf_attn_swap.pipeline.convert import convert_checkpoint
@@ -109,7 +109,7 @@ def test_original_mode_equals_collected_calibration(method):
         )
         whole, layerwise = copy.deepcopy(model), copy.deepcopy(model)
         if method == "mla":
-            convert_to_mla(whole, 12, 8, calibration=collect_attention_inputs(whole, ids, window=48))
+            convert_to_mla(whole, 12, 8, calibration=collect_calibration(whole, ids, window=48, key_weights=True))
             report = convert_to_mla(layerwise, 12, 8, calibration=CalibrationText(ids, 48, "original"))
         else:
             convert_to_gqa(

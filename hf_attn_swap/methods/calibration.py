@@ -185,17 +185,6 @@ def require_calibration_files(paths, method: str = "this method"):
     return resolve_text_files(paths)
 
 
-def collect_attention_inputs_from_files(
-    model: nn.Module,
-    tokenizer,
-    paths,
-    max_tokens: int = CalibrationConfig.calibration_tokens,
-    window: int = CalibrationConfig.calibration_window,
-) -> list[torch.Tensor]:
-    """``collect_attention_inputs`` on the first ``max_tokens`` tokens of the text files at ``paths``."""
-    return collect_calibration_from_files(model, tokenizer, paths, max_tokens, window).inputs
-
-
 def collect_calibration_from_files(
     model: nn.Module,
     tokenizer,

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 
-@lru_cache(maxsize=None)
+@cache
 def _has_float64(device: str) -> bool:
     try:
         probe = torch.ones(2, 2, dtype=torch.float64, device=device)

@@ -143,11 +143,12 @@ def convert_mla_checkpoint(
     # in memory (--rank-allocation energy needs every layer's spectrum first): calibrated on the original model
     model = load_causal_lm(src, dtype=dtype).to(device)
     if needs_text:
-        from ..methods.calibration import collect_attention_inputs_from_files
+        from ..methods.calibration import collect_calibration_from_files
 
-        calibration_inputs = collect_attention_inputs_from_files(
-            model, tokenizer, files, calibration.calibration_tokens, calibration.calibration_window
-        )
+        calibration_inputs = collect_calibration_from_files(
+            model, tokenizer, files, calibration.calibration_tokens, calibration.calibration_window,
+            key_weights=opts.key_weight_power > 0,
+        )  # fmt: skip
     report = convert_to_mla(model, opts, calibration=calibration_inputs)
     report.details.update(
         source=str(src),

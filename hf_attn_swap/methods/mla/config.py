@@ -85,6 +85,20 @@ class MLAConversionConfig:
     balance_kv: bool = field(
         default=True, metadata={"help": "scale K against V before factorizing (TransMLA's K/V balancing)"}
     )
+    key_weight_power: float = field(
+        default=1.0,
+        metadata={
+            "help": "weigh each calibration token in the rope key's and the latent's statistics by the attention it "
+            "receives as a key, to this power (0: every token alike)"
+        },
+    )
+    latent_metric_power: float = field(
+        default=0.5,
+        metadata={
+            "help": "measure the latent's K rows in the metric of the queries that read them and its V rows in "
+            "o_proj's, to this power (0: plain PCA of the K/V activations; 1: score and output error)"
+        },
+    )
     pad_kv_lora_rank: int | None = field(
         default=None,
         metadata={
@@ -136,6 +150,11 @@ class MLAConversionConfig:
             raise ValueError(f"rope_fold_ladder must be true or false, got {self.rope_fold_ladder!r}")
         if not isinstance(self.balance_kv, bool):
             raise ValueError(f"balance_kv must be true or false, got {self.balance_kv!r}")
+        for name in ("key_weight_power", "latent_metric_power"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 4:
+                raise ValueError(f"{name} must be a number between 0 and 4, got {value!r}")
+            setattr(self, name, float(value))
         _optional_int("pad_kv_lora_rank", self.pad_kv_lora_rank)
         _optional_int("pad_rope_dim", self.pad_rope_dim)
         padded = self.pad_kv_lora_rank is not None or self.pad_rope_dim is not None

@@ -25,16 +25,17 @@ from torch import nn
 from ...adapters import AttentionLayout, UnsupportedArchitectureError, get_adapter
 from ...modeling.mla import MLAAttention, MLAConfig, MLADecoderLayer, MLAForCausalLM, MLAModel
 from ..affine import with_bias
-from ..calibration import CalibrationText
+from ..calibration import Calibration, CalibrationText
+from ..device import math_device
 from ..gqa.base import per_query_head
 from ..layerwise import ModelLayers, convert_layers
 from ..report import ConversionReport, kv_bytes_per_token, model_dtype
-from ..device import math_device
 from .budget import allocate_ranks
 from .config import MLAConversionConfig
 from .factorize import JointKV, joint_kv
 from .freqfold import fold_ladder, freqfold
 from .rope import pair_dims, rope_key_mixing, select_rope_pairs, validate_rope_dim
+from .weighting import head_metrics, weighted_moment
 
 #: config fields of the Llama-style decoder that every format carries over unchanged
 DECODER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -168,7 +169,7 @@ class _LayerPlan:
 
 def _plan_layer(
     weights, layout, qk_rope_head_dim, rope_selection, factorization, inputs, rope_heads, balance, scales,
-    fold=None, fold_ladder=True,
+    fold=None, fold_ladder=True, key_weights=None, key_weight_power=0.0, metric_power=0.0,
 ):  # fmt: skip
     h, kv_heads, d = weights.num_attention_heads, weights.num_key_value_heads, layout.head_dim
     hidden = layout.hidden_size
@@ -179,15 +180,17 @@ def _plan_layer(
         inputs = inputs.to(device=q.device, dtype=q.dtype)
     x = None if inputs is None else with_bias(inputs, torch.ones(len(inputs), dtype=q.dtype, device=q.device))
     moment = torch.eye(hidden + 1, dtype=q.dtype, device=q.device) if x is None else x.T @ x / len(x)
+    # keys in proportion to the attention they receive (weighting.py): the rope key's and the latent's statistics
+    keys = moment if x is None else weighted_moment(x, key_weights, key_weight_power)
     if rope_selection == "freqfold":
         q_rope, rope_key, k_nope, pairs = freqfold(
-            q, k, layout, qk_rope_head_dim, fold, moment, rope_heads, fold_ladder
+            q, k, layout, qk_rope_head_dim, fold, keys, rope_heads, fold_ladder
         )
     else:
         pairs = select_rope_pairs(rope_selection, layout, qk_rope_head_dim, q, k, x)
         first, second = pair_dims(layout, pairs)
         m, group = len(pairs), kv_heads // rope_heads
-        u = rope_key_mixing(k, first, second, moment, rope_heads)  # [H_kv, m]
+        u = rope_key_mixing(k, first, second, keys, rope_heads)  # [H_kv, m]
         rope_of_kv = torch.arange(kv_heads, device=q.device) // group
         shared = torch.stack([k[:, first], k[:, second]], dim=1) * u[:, None, :, None]  # [H_kv, 2, m, hidden+1]
         rope_key = shared.view(rope_heads, group, 2 * m, -1).sum(1)  # [n, d_rope, hidden+1]
@@ -202,8 +205,9 @@ def _plan_layer(
         k_nope[..., :hidden].reshape(kv_heads * d, hidden),
         weights.v.reshape(kv_heads * d, hidden),
         factorization,
-        moment[:hidden, :hidden],
+        keys[:hidden, :hidden],
         balance,
+        head_metrics(q, weights.o, moment, kv_heads, metric_power),
     )
     o_bias = weights.o_bias
     if weights.v_bias is not None:  # sum_s p_s (W_UV c_s + b_v) = W_UV sum_s p_s c_s + b_v
@@ -313,9 +317,13 @@ class MLALayerConverter:
         self.rope_pairs: dict[int, list[int]] = {}
         self.retained: dict[int, float] = {}
         self.calibration_rows: int | None = None
+        self.key_weighted = False  # whether the calibration came with key weights (``plan``)
 
-    def plan(self, idx: int, attn: nn.Module, inputs: torch.Tensor | None) -> _LayerPlan:
-        """The layer's MLA plan from its source attention module and calibration inputs [N, hidden] (or None)."""
+    def plan(
+        self, idx: int, attn: nn.Module, inputs: torch.Tensor | None, key_weights: torch.Tensor | None = None
+    ) -> _LayerPlan:
+        """The layer's MLA plan from its source attention module, calibration inputs [N, hidden] (or None) and
+        the attention each input row receives as a key [N] (or None: every row alike; ``weighting``)."""
         if needs_calibration(self.factorization) and inputs is None:
             raise ValueError(f"layer {idx}: factorization {self.factorization!r} needs calibration inputs")
         opts = self.options
@@ -329,6 +337,7 @@ class MLALayerConverter:
             )
         if inputs is not None:
             self.calibration_rows = int(inputs.shape[0])
+            self.key_weighted = key_weights is not None and opts.key_weight_power > 0
         score_fold = float(attn.scaling) / self.new_scale
         with torch.no_grad(), _lapack_threads(1):
             return _plan_layer(
@@ -343,6 +352,9 @@ class MLALayerConverter:
                 (score_fold, self.rotary_scale**2),
                 opts.rope_fold,
                 opts.rope_fold_ladder,
+                key_weights,
+                opts.key_weight_power,
+                opts.latent_metric_power,
             )  # fmt: skip
 
     def layer_config(self, idx: int, rank: int, pairs: list[int]) -> MLAConfig:
@@ -408,6 +420,8 @@ class MLALayerConverter:
                 "factorization": self.factorization,
                 "rank_allocation": opts.rank_allocation,
                 "balance_kv": opts.balance_kv,
+                "key_weight_power": opts.key_weight_power if self.key_weighted else 0.0,
+                "latent_metric_power": opts.latent_metric_power,
                 "rope_fold": fold_ladder(self.layout, opts.qk_rope_head_dim, opts.rope_fold)[1]
                 if opts.rope_selection == "freqfold"
                 else None,
@@ -422,8 +436,6 @@ class MLALayerConverter:
 class MLALayers:
     """MLA per layer (``MLALayerConverter``) at the uniform rank ``kv_lora_rank``."""
 
-    uses_key_weights = False
-
     def __init__(self, source_config, options: MLAConversionConfig, calibrated: bool, rotary: nn.Module):
         if options.rank_allocation != "uniform":
             raise ValueError(
@@ -436,9 +448,11 @@ class MLALayers:
         scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
         self.converter = MLALayerConverter(source_config, options, self.factorization, scale)
         self.needs_calibration = needs_calibration(self.factorization)
+        #: the attention each calibration token receives as a key (one eager forward of the source layer)
+        self.uses_key_weights = calibrated and options.key_weight_power > 0
 
     def convert(self, idx, layer, inputs, key_weights) -> nn.Module:
-        plan = self.converter.plan(idx, layer.self_attn, inputs)
+        plan = self.converter.plan(idx, layer.self_attn, inputs, key_weights)
         return self.converter.build(idx, layer, plan, self.options.kv_lora_rank)
 
     def records(self) -> dict:
@@ -446,6 +460,7 @@ class MLALayers:
         return {
             "biases": c.biases,
             "calibration_rows": c.calibration_rows,
+            "key_weighted": c.key_weighted,
             "layers": {i: [c.ranks[i], c.rope_pairs[i], c.retained[i]] for i in c.ranks},
         }
 
@@ -453,6 +468,7 @@ class MLALayers:
         c = self.converter
         c.biases = None if records["biases"] is None else tuple(records["biases"])
         c.calibration_rows = records["calibration_rows"]
+        c.key_weighted = records["key_weighted"]
         for i, (rank, pairs, retained) in records["layers"].items():
             c.ranks[int(i)], c.rope_pairs[int(i)], c.retained[int(i)] = rank, pairs, retained
 
@@ -480,6 +496,8 @@ def convert_to_mla(
     rank_allocation: str = MLAConversionConfig.rank_allocation,
     balance_kv: bool = MLAConversionConfig.balance_kv,
     rope_fold: int | None = MLAConversionConfig.rope_fold,
+    key_weight_power: float = MLAConversionConfig.key_weight_power,
+    latent_metric_power: float = MLAConversionConfig.latent_metric_power,
 ) -> ConversionReport:
     """Rewrite ``model`` (Llama / Mistral / Qwen2) in place into MLA; returns a report with KV bytes/token.
 
@@ -498,8 +516,11 @@ def convert_to_mla(
         (``hf_attn_swap.methods.calibration.collect_attention_inputs``: every layer calibrated on the original
         model's activations), or a ``hf_attn_swap.methods.calibration.CalibrationText`` (token ids; its ``mode``
         ``sequential`` calibrates layer l on the outputs of the already-converted layers 0..l-1, run layer by
-        layer exactly as ``hf-attn-swap convert`` streams a checkpoint). Also used, when given, by the ``norm``
-        selection and the shared-rope-key mixing.
+        layer exactly as ``hf-attn-swap convert`` streams a checkpoint; the attention each token receives as a
+        key is measured on the way), or a ``Calibration`` with key weights (``collect_calibration(model,
+        token_ids, key_weights=True)``). Also used, when given, by the ``norm`` selection and the rope key.
+    key_weight_power, latent_metric_power: the attention-aware statistics (``weighting``): calibration tokens
+        weighted by (attention received)^γ; K/V rows measured in the query / o_proj metrics to the power p.
     num_rope_key_heads: rope keys per layer (1 = DeepSeek's shared key; H_kv keeps RoPE exact).
     KV cache per token and layer afterwards: r_l + num_rope_key_heads * qk_rope_head_dim values.
 
@@ -514,6 +535,8 @@ def convert_to_mla(
         rank_allocation=rank_allocation,
         balance_kv=balance_kv,
         rope_fold=rope_fold,
+        key_weight_power=key_weight_power,
+        latent_metric_power=latent_metric_power,
     )
     options = resolve_kv_budget(model.config, options)
     if isinstance(calibration, CalibrationText):  # layer by layer, as hf-attn-swap convert streams it
@@ -533,6 +556,9 @@ def convert_to_mla(
         raise ValueError(
             f"found {len(attention)} attention modules but config says {layout.num_layers} layers"
         )
+    key_weights = None
+    if isinstance(calibration, Calibration):  # collect_calibration(model, ids, key_weights=True)
+        calibration, key_weights = calibration.inputs, calibration.key_weights
     if needs_calibration(factorization) and (calibration is None or len(calibration) != len(attention)):
         raise ValueError(
             f"factorization {factorization!r} needs calibration activations for each of the {len(attention)} "
@@ -544,7 +570,12 @@ def convert_to_mla(
         model.config, options, factorization, float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
     )
     plans = [
-        converter.plan(idx, attn, None if calibration is None else calibration[idx])
+        converter.plan(
+            idx,
+            attn,
+            None if calibration is None else calibration[idx],
+            None if key_weights is None else key_weights[idx],
+        )
         for idx, attn in enumerate(attention)
     ]
     ranks = layer_ranks(options, layout, [p.kv.energy for p in plans])

@@ -11,6 +11,9 @@ W_UKV = U_r, so K_nope ~ U_r,K W_DKV / alpha and V ~ U_r,V W_DKV.
 
 alpha (K/V balancing, TransMLA): sqrt(E|V x|^2 / E|K_nope x|^2), so neither part dominates the basis because of
 its scale; it changes which directions are kept, never the function at full rank.
+
+Metrics (``weighting.head_metrics``): with invertible S, T the factorised matrix is [alpha S K_nope ; T V] and
+the decoders W_UK = S^-1 U_K / alpha, W_UV = T^-1 U_V (the basis is chosen in the metric, the weights are not).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ class JointKV:
     energy: torch.Tensor
     alpha: float
     key_rows: int
-    joint: torch.Tensor  # M [2 H_kv D, hidden]
+    joint: torch.Tensor  # M [2 H_kv D, hidden] (in the metric, when there is one)
+    key_inverse: torch.Tensor | None = None  # S^-1 [H_kv D, H_kv D]
+    value_inverse: torch.Tensor | None = None  # T^-1
 
     def retained(self, rank: int) -> float:
         """Fraction of the (weighted) energy kept at this rank."""
@@ -45,7 +50,10 @@ class JointKV:
         """W_DKV [r, hidden], W_UK [H_kv D, r], W_UV [H_kv D, r]."""
         basis = self.basis[:, :rank]
         down = basis.T @ self.joint
-        return down, basis[: self.key_rows] / self.alpha, basis[self.key_rows :]
+        up_k, up_v = basis[: self.key_rows] / self.alpha, basis[self.key_rows :]
+        if self.key_inverse is not None:
+            up_k, up_v = self.key_inverse @ up_k, self.value_inverse @ up_v
+        return down, up_k, up_v
 
 
 def joint_kv(
@@ -54,8 +62,10 @@ def joint_kv(
     factorization: str = "svd",
     moment: torch.Tensor | None = None,
     balance: bool = True,
+    metrics=None,
 ) -> JointKV:
-    """k_nope, v: [H_kv D, hidden] (float64). moment: E[x x^T] [hidden, hidden] (needed for ``pca``)."""
+    """k_nope, v: [H_kv D, hidden] (float64). moment: E[x x^T] [hidden, hidden] (needed for ``pca``).
+    metrics: ((S, S^-1), (T, T^-1)) [H_kv D, H_kv D] each, or None (module docstring)."""
     if factorization not in FACTORIZATIONS:
         raise ValueError(
             f"unknown factorization {factorization!r}; choose one of {', '.join(FACTORIZATIONS)}"
@@ -66,6 +76,10 @@ def joint_kv(
             "(CLI: --calibration-data FILE...), or use factorization='svd'"
         )
     weight = moment if factorization == "pca" else None
+    inverses = (None, None)
+    if metrics is not None:
+        (s, s_inv), (t, t_inv) = metrics
+        k_nope, v, inverses = s @ k_nope, t @ v, (s_inv, t_inv)
 
     def energy(w):
         return (w @ weight * w).sum() if weight is not None else w.square().sum()
@@ -88,4 +102,4 @@ def joint_kv(
     # largest entry of each column positive, so the same command gives the same weights on CPU and GPU
     top = basis.abs().argmax(0, keepdim=True)
     basis = basis * torch.where(basis.gather(0, top) < 0, -1.0, 1.0).to(basis.dtype)
-    return JointKV(basis=basis, energy=values, alpha=alpha, key_rows=k_nope.shape[0], joint=joint)
+    return JointKV(basis, values, alpha, k_nope.shape[0], joint, *inverses)
