@@ -92,13 +92,6 @@ class MLAConversionConfig:
             "receives as a key, to this power (0: every token alike)"
         },
     )
-    rope_metric_power: float = field(
-        default=0.0,
-        metadata={
-            "help": "freqfold: weigh each KV head's rotary pairs by the energy of the queries that read them, to "
-            "this power, when choosing what keeps RoPE (0: key energy only)"
-        },
-    )
     latent_metric_power: float = field(
         default=0.5,
         metadata={
@@ -157,7 +150,7 @@ class MLAConversionConfig:
             raise ValueError(f"rope_fold_ladder must be true or false, got {self.rope_fold_ladder!r}")
         if not isinstance(self.balance_kv, bool):
             raise ValueError(f"balance_kv must be true or false, got {self.balance_kv!r}")
-        for name in ("key_weight_power", "latent_metric_power", "rope_metric_power"):
+        for name in ("key_weight_power", "latent_metric_power"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 4:
                 raise ValueError(f"{name} must be a number between 0 and 4, got {value!r}")

@@ -169,7 +169,7 @@ class _LayerPlan:
 
 def _plan_layer(
     weights, layout, qk_rope_head_dim, rope_selection, factorization, inputs, rope_heads, balance, scales,
-    fold=None, fold_ladder=True, key_weights=None, key_weight_power=0.0, metric_power=0.0, rope_metric_power=0.0,
+    fold=None, fold_ladder=True, key_weights=None, key_weight_power=0.0, metric_power=0.0,
 ):  # fmt: skip
     h, kv_heads, d = weights.num_attention_heads, weights.num_key_value_heads, layout.head_dim
     hidden = layout.hidden_size
@@ -184,7 +184,7 @@ def _plan_layer(
     keys = moment if x is None else weighted_moment(x, key_weights, key_weight_power)
     if rope_selection == "freqfold":
         q_rope, rope_key, k_nope, pairs = freqfold(
-            q, k, layout, qk_rope_head_dim, fold, keys, rope_heads, fold_ladder, moment, rope_metric_power
+            q, k, layout, qk_rope_head_dim, fold, keys, rope_heads, fold_ladder
         )
     else:
         pairs = select_rope_pairs(rope_selection, layout, qk_rope_head_dim, q, k, x)
@@ -355,7 +355,6 @@ class MLALayerConverter:
                 key_weights,
                 opts.key_weight_power,
                 opts.latent_metric_power,
-                opts.rope_metric_power,
             )  # fmt: skip
 
     def layer_config(self, idx: int, rank: int, pairs: list[int]) -> MLAConfig:

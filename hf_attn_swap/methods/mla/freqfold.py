@@ -64,8 +64,6 @@ def freqfold(
     moment: torch.Tensor,
     num_rope_key_heads: int = 1,
     ladder_frequencies: bool = True,
-    query_moment: torch.Tensor | None = None,
-    query_power: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Fold rotary frequencies into one shared rope key per group of KV heads (module docstring).
 
@@ -75,10 +73,6 @@ def freqfold(
     folded components removed from the rotary dims) and the source pair each rope pair turns at: the ladder, or
     with ``ladder_frequencies=False`` the first pair of its window for all c components of a window (TransMLA's
     FreqFold; repeated frequencies, plugin format only).
-
-    query_power p > 0: the slots (KV head g, pair s) are weighed by w = e^p, e_gs = Σ_{h reads g} E|q_hs|² over
-    ``query_moment`` (scaled to mean 1): the PCA runs on w^½ k, the kept part of k_s is w_s^-½ Σ_t u_ts k'_t and the
-    query q'_t = Σ_s conj(u_ts) w_s^-½ q_s, so the rotation is kept where queries read the keys most.
     """
     ladder, fold, comps = fold_ladder(layout, qk_rope_head_dim, fold)
     index = layout.rope.pair_indices()
@@ -93,19 +87,11 @@ def freqfold(
     rope_key = torch.zeros(num_rope_key_heads, m, k.shape[-1], dtype=wk.dtype, device=device)
     q_rope = torch.zeros(heads, m, q.shape[-1], dtype=wq.dtype, device=device)
     residual = wk.clone()
-    scale = torch.ones(kv_heads, len(first), dtype=torch.float64, device=device)  # w^½ per slot
-    if query_power > 0:
-        energy = torch.einsum("hpi,ij,hpj->hp", wq, query_moment.to(wq.dtype), wq.conj()).real
-        energy = energy.reshape(kv_heads, per_query, -1).sum(1)
-        energy = (energy / energy.mean()).clamp_min(1e-6)
-        scale = energy ** (query_power / 2)
-    scale = scale.to(wk.dtype)
     for rope_head in range(num_rope_key_heads):
         kv_of = torch.arange(rope_head * group, (rope_head + 1) * group, device=device)
         for window in range(windows):
             span = torch.arange(window * fold, (window + 1) * fold, device=device)
-            root_w = scale[kv_of][:, span]  # [G, F] w^½
-            rows = (wk[kv_of][:, span] * root_w[..., None]).reshape(group * fold, -1)  # slots (g, p), g-major
+            rows = wk[kv_of][:, span].reshape(group * fold, -1)  # slots (g, p), g-major
             cov = rows @ sigma @ rows.conj().T  # C = E[k k^H]
             values, vectors = torch.linalg.eigh(cov)
             u = vectors[:, -comps:].flip(1).T  # [c, slots], descending energy
@@ -121,10 +107,9 @@ def freqfold(
             rope_key[rope_head, slots] = keys
             u_g = u.view(comps, group, fold)
             for local, g in enumerate(kv_of.tolist()):
-                u_s = u_g[:, local] / root_w[local]  # u_{t,s} w_s^-½
-                residual[g, span] -= u_s.T @ keys  # k_s - w_s^-½ sum_t u_{t,s} k'_t
+                residual[g, span] -= u_g[:, local].T @ keys  # k_s - sum_t u_{t,s} k'_t
                 for h in range(g * per_query, (g + 1) * per_query):
-                    q_rope[h, slots] = u_s.conj() @ wq[h, span]  # q'_t = sum_s conj(u_{t,s}) w_s^-½ q_s
+                    q_rope[h, slots] = u_g[:, local].conj() @ wq[h, span]  # q'_t = sum_s conj(u_{t,s}) q_s
     k_nope = k.clone()
     k_nope[:, first], k_nope[:, second] = residual.real, residual.imag
     real = lambda z: torch.cat([z.real, z.imag], dim=1)  # noqa: E731
