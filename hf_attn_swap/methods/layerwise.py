@@ -98,7 +98,8 @@ def capture_attention_inputs(
 
     ``key_weights``: also the attention each token receives as a key (``Calibration.key_weights``), from an eager
     forward (as ``collect_calibration`` does). ``outputs``: also the layer's outputs (the next layer's inputs);
-    without either, the layer stops right after its attention inputs are recorded."""
+    the layer stops as soon as what is asked for is recorded (without ``outputs``: after its attention inputs, or
+    after its attention with ``key_weights``)."""
     attn = layer.self_attn
     rows, received, results = [], [], []
 
@@ -115,6 +116,8 @@ def capture_attention_inputs(
                 f"{type(module).__name__} returns no attention probabilities: use another method"
             )
         received.append(probs[0].float().sum(-2).mean(0).cpu())  # [H, T_query, T_key] -> [T_key]
+        if not outputs:  # the rest of the layer (its MLP) is not needed
+            raise _Captured
 
     handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True)]
     config = attn.config

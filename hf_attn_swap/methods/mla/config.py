@@ -93,7 +93,7 @@ class MLAConversionConfig:
         },
     )
     latent_metric_power: float = field(
-        default=0.5,
+        default=1.0,
         metadata={
             "help": "measure the latent's K rows in the metric of the queries that read them and its V rows in "
             "o_proj's, to this power (0: plain PCA of the K/V activations; 1: score and output error)"
