@@ -36,6 +36,7 @@ def main():
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--eval-text", default=None)
     p.add_argument("--calibration-tokens", type=int, default=8192)
+    p.add_argument("--calibration-window", type=int, default=512)
     p.add_argument("--cache", default="/tmp/mla_screen_cache")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
@@ -49,11 +50,11 @@ def main():
     calib_ids = load_token_ids(tok, default_train_files(), args.calibration_tokens)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    orig_file = cache / f"original_{args.calibration_tokens}.pt"
+    orig_file = cache / f"original_{args.calibration_tokens}_{args.calibration_window}.pt"
     if orig_file.exists():
         calibration = torch.load(orig_file)
     else:
-        calibration = collect_attention_inputs(original, calib_ids, window=512)
+        calibration = collect_attention_inputs(original, calib_ids, window=args.calibration_window)
         torch.save(calibration, orig_file)
     models, rows = {}, []
     for text in args.variant:
@@ -62,7 +63,7 @@ def main():
         options = MLAConversionConfig(**spec)
         started = time.time()
         model = copy.deepcopy(original)
-        given = calibration if mode == "original" else CalibrationText(calib_ids, 512, mode)
+        given = calibration if mode == "original" else CalibrationText(calib_ids, args.calibration_window, mode)
         convert_to_mla(model, options, calibration=given)
         print(f"{text}: converted in {time.time() - started:.0f} s", flush=True)
         models[text] = model
