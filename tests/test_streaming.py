@@ -110,7 +110,9 @@ def test_original_mode_equals_collected_calibration(method):
         whole, layerwise = copy.deepcopy(model), copy.deepcopy(model)
         if method == "mla":
             convert_to_mla(whole, 12, 8, calibration=collect_calibration(whole, ids, window=48, key_weights=True))
-            report = convert_to_mla(layerwise, 12, 8, calibration=CalibrationText(ids, 48, "original"))
+            report = convert_to_mla(
+                layerwise, 12, 8, calibration=CalibrationText(ids, 48, "original"), output_correction=False
+            )
         else:
             convert_to_gqa(
                 whole, 1, "fit", calibration=collect_calibration(whole, ids, window=48, key_weights=True)
@@ -338,3 +340,37 @@ def test_decompositions_create_their_tensors_on_the_layer_device(name):
             layout = adapter.layout(model.config)
             convert_gqa_layer(adapter, attn, 1, layout, 1, GQA_METHODS[options.method], inputs, key_weights)
     assert mode.found == []
+
+
+def test_output_correction_refits_o_proj_to_the_source_attention():
+    """refit_output_projection: a layer whose o_proj was spoilt gets the source's back from the source attention's
+    outputs (exact least squares at ridge 0, fp64); in convert_to_mla it lowers the converted first layer's
+    attention error on the calibration text and changes only o_proj."""
+    from hf_attn_swap.methods.layerwise import capture_attention_inputs, refit_output_projection
+
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2).double()
+    ids = torch.arange(3, 99) % 128
+    stream = [model.model.embed_tokens(ids[i : i + 48])[None] for i in (0, 48)]
+    rotary = model.model.rotary_emb
+    layer = model.model.layers[0]
+    targets = capture_attention_inputs(layer, stream, rotary, attention_outputs=True).attention_outputs
+    original = layer.self_attn.o_proj.weight.detach().clone()
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.normal_()
+    refit_output_projection(layer, stream, rotary, targets, ridge=0.0)
+    torch.testing.assert_close(layer.self_attn.o_proj.weight, original, rtol=1e-4, atol=1e-6)  # float32 targets
+
+    errors, states = {}, {}
+    for correct in (False, True):
+        converted = copy.deepcopy(model)
+        convert_to_mla(converted, 6, 4, calibration=CalibrationText(ids, 48, "sequential"), output_correction=correct)
+        got = capture_attention_inputs(converted.model.layers[0], stream, rotary, attention_outputs=True)
+        errors[correct] = (got.attention_outputs - targets).square().sum().item()
+        states[correct] = converted.state_dict()
+    assert errors[True] < 0.9 * errors[False]
+    assert states[True]["model.layers.0.self_attn.o_proj.weight"].ne(
+        states[False]["model.layers.0.self_attn.o_proj.weight"]
+    ).any()
+    for name, tensor in states[False].items():
+        if name.startswith("model.layers.0.") and "o_proj" not in name:
+            assert torch.equal(tensor, states[True][name]), name

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from ..adapters import get_adapter
 from ..io.shards import CheckpointReader, layer_names
 from ..io.text import windows
 from .calibration import CalibrationText
+from .device import math_device
 
 #: families whose decoder layers run alone here: ``layer(h, position_embeddings=rotary(h, positions))`` after a
 #: plain token embedding (Gemma scales its embeddings, BERT/GPT-2/OPT/Falcon have other layer signatures)
@@ -85,6 +87,21 @@ def _call_layer(layer: nn.Module, hidden: torch.Tensor, rotary: nn.Module) -> to
     return out[0] if isinstance(out, tuple) else out
 
 
+@dataclass
+class Captured:
+    """What ``capture_attention_inputs`` recorded of one layer on the calibration windows (rows aligned).
+
+    inputs [N, hidden] float32 CPU: the attention inputs; key_weights [N] or None: the attention each row receives
+    as a key; attention_outputs [N, hidden] float32 CPU or None: the attention module's outputs (after o_proj);
+    outputs: the layer's outputs per window (the next layer's inputs) or None.
+    """
+
+    inputs: torch.Tensor
+    key_weights: torch.Tensor | None = None
+    attention_outputs: torch.Tensor | None = None
+    outputs: list[torch.Tensor] | None = None
+
+
 @torch.no_grad()
 def capture_attention_inputs(
     layer: nn.Module,
@@ -92,38 +109,43 @@ def capture_attention_inputs(
     rotary: nn.Module,
     key_weights: bool = False,
     outputs: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
-    """(attention inputs [N, hidden] float32 CPU, key weights [N] or None, layer outputs or None) of ``layer`` on
-    the windows of ``stream``.
+    attention_outputs: bool = False,
+) -> Captured:
+    """The attention inputs of ``layer`` on the windows of ``stream``, and on request (``Captured``):
 
-    ``key_weights``: also the attention each token receives as a key (``Calibration.key_weights``), from an eager
-    forward (as ``collect_calibration`` does). ``outputs``: also the layer's outputs (the next layer's inputs);
-    the layer stops as soon as what is asked for is recorded (without ``outputs``: after its attention inputs, or
-    after its attention with ``key_weights``)."""
+    ``key_weights``: the attention each token receives as a key (``Calibration.key_weights``), from an eager
+    forward (as ``collect_calibration`` does); ``attention_outputs``: the attention module's outputs;
+    ``outputs``: the layer's outputs (the next layer's inputs). The layer stops as soon as what is asked for is
+    recorded (after its attention inputs, or after its attention, unless ``outputs``)."""
     attn = layer.self_attn
-    rows, received, results = [], [], []
+    rows, received, attended, results = [], [], [], []
+    after_attention = key_weights or attention_outputs
 
     def pre_hook(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         rows.append(hidden.detach().reshape(-1, hidden.shape[-1]).float().cpu())
-        if not (key_weights or outputs):
+        if not (after_attention or outputs):
             raise _Captured
 
     def hook(module, args, kwargs, output):
-        probs = output[1]
-        if probs is None:
-            raise ValueError(
-                f"{type(module).__name__} returns no attention probabilities: use another method"
-            )
-        received.append(probs[0].float().sum(-2).mean(0).cpu())  # [H, T_query, T_key] -> [T_key]
+        if attention_outputs:
+            attended.append(output[0].detach().reshape(-1, output[0].shape[-1]).float().cpu())
+        if key_weights:
+            probs = output[1]
+            if probs is None:
+                raise ValueError(
+                    f"{type(module).__name__} returns no attention probabilities: use another method"
+                )
+            received.append(probs[0].float().sum(-2).mean(0).cpu())  # [H, T_query, T_key] -> [T_key]
         if not outputs:  # the rest of the layer (its MLP) is not needed
             raise _Captured
 
     handles = [attn.register_forward_pre_hook(pre_hook, with_kwargs=True)]
     config = attn.config
     implementation = config._attn_implementation
-    if key_weights:
+    if after_attention:
         handles.append(attn.register_forward_hook(hook, with_kwargs=True))
+    if key_weights:
         config._attn_implementation = "eager"
     try:
         for hidden in stream:
@@ -135,11 +157,48 @@ def capture_attention_inputs(
         for handle in handles:
             handle.remove()
         config._attn_implementation = implementation
-    return (
+    return Captured(
         torch.cat(rows),
         torch.cat(received) if key_weights else None,
-        results if (key_weights or outputs) else None,
+        torch.cat(attended) if attention_outputs else None,
+        results if outputs else None,
     )
+
+
+@torch.no_grad()
+def refit_output_projection(
+    layer: nn.Module, stream: list[torch.Tensor], rotary: nn.Module, targets: torch.Tensor, ridge: float = 1e-3
+) -> None:
+    """Output correction: refit the converted layer's ``o_proj`` so that its attention reproduces ``targets``
+    [N, hidden] (the source layer's attention outputs on the same windows of ``stream``), by ridge least squares:
+    with A [N, H d_v] the per-head attention outputs entering o_proj and Y = targets - bias,
+    W_O = Y^T A (A^T A + λ I)^-1, λ = ``ridge`` x mean diag(A^T A) (float64, on the layer's math device).
+    Exact in every format: o_proj stays one linear map."""
+    o_proj = layer.self_attn.o_proj
+    device = math_device(o_proj.weight.device)
+    rows = []
+
+    def pre_hook(module, args):
+        rows.append(args[0].detach().reshape(-1, args[0].shape[-1]).to(device=device, dtype=torch.float64))
+        raise _Captured
+
+    handle = o_proj.register_forward_pre_hook(pre_hook)
+    try:
+        for hidden in stream:
+            try:
+                _call_layer(layer, hidden, rotary)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    a = torch.cat(rows)
+    y = targets.to(device=device, dtype=torch.float64)
+    if o_proj.bias is not None:
+        y = y - o_proj.bias.to(device=device, dtype=torch.float64)
+    gram = a.T @ a
+    gram.diagonal().add_(ridge * gram.diagonal().mean())
+    weight = torch.linalg.solve(gram, a.T @ y).T  # [hidden, H d_v]
+    o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
 
 
 @torch.no_grad()
@@ -287,20 +346,25 @@ def convert_layers(
     for idx in bar:
         began = time.perf_counter()
         layer = source.layer(idx)
-        inputs = key_weights = following = None
+        inputs = key_weights = following = captured = None
+        correct = False
         more = stream is not None and idx < n - 1
         if stream is not None:  # original mode: the original layer's outputs come with its inputs
             original = more and calibration.mode == "original"
-            inputs, key_weights, outputs = capture_attention_inputs(
-                layer, stream, source.rotary, conversion.uses_key_weights, original
+            correct = getattr(conversion, "output_correction", False)
+            captured = capture_attention_inputs(
+                layer, stream, source.rotary, conversion.uses_key_weights, original, correct
             )
-            following = outputs if original else None
+            inputs, key_weights, following = captured.inputs, captured.key_weights, captured.outputs
         layer = conversion.convert(idx, layer, inputs, key_weights)
+        if stream is not None and correct:
+            refit_output_projection(layer, stream, source.rotary, captured.attention_outputs)
+            captured = None
         if more and calibration.mode == "sequential":
             following = run_layer(layer, stream, source.rotary)
         on_layer(idx, layer, following)
         source.release(idx, layer)
-        del layer, inputs, key_weights
+        del layer, inputs, key_weights, captured
         release_memory()
         stream = following
         bar.set_postfix_str(

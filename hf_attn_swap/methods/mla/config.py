@@ -92,6 +92,13 @@ class MLAConversionConfig:
             "receives as a key, to this power (0: every token alike)"
         },
     )
+    output_correction: bool = field(
+        default=True,
+        metadata={
+            "help": "after converting a layer, refit its o_proj by least squares so its attention reproduces the "
+            "source layer's outputs on the same calibration inputs (needs calibration text, run layer by layer)"
+        },
+    )
     latent_metric_power: float = field(
         default=1.0,
         metadata={
@@ -150,6 +157,8 @@ class MLAConversionConfig:
             raise ValueError(f"rope_fold_ladder must be true or false, got {self.rope_fold_ladder!r}")
         if not isinstance(self.balance_kv, bool):
             raise ValueError(f"balance_kv must be true or false, got {self.balance_kv!r}")
+        if not isinstance(self.output_correction, bool):
+            raise ValueError(f"output_correction must be true or false, got {self.output_correction!r}")
         for name in ("key_weight_power", "latent_metric_power"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 4:

@@ -318,6 +318,7 @@ class MLALayerConverter:
         self.retained: dict[int, float] = {}
         self.calibration_rows: int | None = None
         self.key_weighted = False  # whether the calibration came with key weights (``plan``)
+        self.output_corrected = False  # whether o_proj is refitted after each layer (``MLALayers``)
 
     def plan(
         self, idx: int, attn: nn.Module, inputs: torch.Tensor | None, key_weights: torch.Tensor | None = None
@@ -422,6 +423,7 @@ class MLALayerConverter:
                 "balance_kv": opts.balance_kv,
                 "key_weight_power": opts.key_weight_power if self.key_weighted else 0.0,
                 "latent_metric_power": opts.latent_metric_power,
+                "output_correction": self.output_corrected,
                 "rope_fold": fold_ladder(self.layout, opts.qk_rope_head_dim, opts.rope_fold)[1]
                 if opts.rope_selection == "freqfold"
                 else None,
@@ -450,6 +452,9 @@ class MLALayers:
         self.needs_calibration = needs_calibration(self.factorization)
         #: the attention each calibration token receives as a key (one eager forward of the source layer)
         self.uses_key_weights = calibrated and options.key_weight_power > 0
+        #: o_proj refitted to the source layer's attention outputs (``layerwise.refit_output_projection``)
+        self.output_correction = calibrated and options.output_correction
+        self.converter.output_corrected = self.output_correction
 
     def convert(self, idx, layer, inputs, key_weights) -> nn.Module:
         plan = self.converter.plan(idx, layer.self_attn, inputs, key_weights)
@@ -498,6 +503,7 @@ def convert_to_mla(
     rope_fold: int | None = MLAConversionConfig.rope_fold,
     key_weight_power: float = MLAConversionConfig.key_weight_power,
     latent_metric_power: float = MLAConversionConfig.latent_metric_power,
+    output_correction: bool = MLAConversionConfig.output_correction,
 ) -> ConversionReport:
     """Rewrite ``model`` (Llama / Mistral / Qwen2) in place into MLA; returns a report with KV bytes/token.
 
@@ -521,6 +527,8 @@ def convert_to_mla(
         token_ids, key_weights=True)``). Also used, when given, by the ``norm`` selection and the rope key.
     key_weight_power, latent_metric_power: the attention-aware statistics (``weighting``): calibration tokens
         weighted by (attention received)^γ; K/V rows measured in the query / o_proj metrics to the power p.
+    output_correction: with a ``CalibrationText``, refit each converted layer's o_proj so that its attention
+        reproduces the source layer's on the same inputs (``layerwise.refit_output_projection``).
     num_rope_key_heads: rope keys per layer (1 = DeepSeek's shared key; H_kv keeps RoPE exact).
     KV cache per token and layer afterwards: r_l + num_rope_key_heads * qk_rope_head_dim values.
 
@@ -537,6 +545,7 @@ def convert_to_mla(
         rope_fold=rope_fold,
         key_weight_power=key_weight_power,
         latent_metric_power=latent_metric_power,
+        output_correction=output_correction,
     )
     options = resolve_kv_budget(model.config, options)
     if isinstance(calibration, CalibrationText):  # layer by layer, as hf-attn-swap convert streams it
