@@ -26,7 +26,7 @@ from hf_attn_swap.evaluate.metrics import evaluate_models  # noqa: E402
 from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer  # noqa: E402
 from hf_attn_swap.io.examples import example_model_path  # noqa: E402
 from hf_attn_swap.io.text import default_eval_files, default_train_files, load_token_ids  # noqa: E402
-from hf_attn_swap.methods.calibration import CalibrationText, collect_attention_inputs  # noqa: E402
+from hf_attn_swap.methods.calibration import CalibrationText, collect_calibration  # noqa: E402
 from hf_attn_swap.methods.mla import MLAConversionConfig  # noqa: E402
 
 
@@ -50,11 +50,12 @@ def main():
     calib_ids = load_token_ids(tok, default_train_files(), args.calibration_tokens)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    orig_file = cache / f"original_{args.calibration_tokens}_{args.calibration_window}.pt"
+    orig_file = cache / f"original_kw_{args.calibration_tokens}_{args.calibration_window}.pt"
     if orig_file.exists():
-        calibration = torch.load(orig_file)
+        calibration = torch.load(orig_file, weights_only=False)
     else:
-        calibration = collect_attention_inputs(original, calib_ids, window=args.calibration_window)
+        # with key weights, so that "original" variants weigh their statistics as the sequential ones do
+        calibration = collect_calibration(original, calib_ids, window=args.calibration_window, key_weights=True)
         torch.save(calibration, orig_file)
     models, rows = {}, []
     for text in args.variant:

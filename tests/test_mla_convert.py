@@ -130,7 +130,8 @@ def test_metric_pca_minimises_the_error_in_its_metric_and_key_weights_in_theirs(
     assert head_metrics(q, o, moment, kv_heads, 0.0) is None
     (s, s_inv), (t, t_inv) = head_metrics(q, o, moment, kv_heads, 1.0)
     eye = torch.eye(kv_heads * d, dtype=torch.float64)
-    torch.testing.assert_close(s @ s_inv, eye) and torch.testing.assert_close(t @ t_inv, eye)
+    torch.testing.assert_close(s @ s_inv, eye)
+    torch.testing.assert_close(t @ t_inv, eye)
     assert torch.equal(s[:d, d:], torch.zeros(d, d, dtype=torch.float64))  # block-diagonal: one block per KV head
 
     def error(factors, rank, rows, metric=(eye, eye)):

@@ -174,7 +174,8 @@ def test_shard_writer_resumes_from_its_state(tmp_path):
     writer = ShardWriter(folders["pending"], 700)
     add(writer, "t0", "t1", "t2")
     state = writer.state()
-    writer.add({"junk": torch.ones(3)})  # written after the state: a kill here
+    writer.add({"junk": torch.ones(1000)})  # written after the state (longer than what follows): a kill here
+    writer.sync()  # (on disk, as a killed process's writes are; nothing left buffered in this handle)
     writer = ShardWriter(folders["pending"], 700, state)
     add(writer, "t3", "t4")
     assert writer.finish() == clean
@@ -185,6 +186,14 @@ def test_shard_writer_resumes_from_its_state(tmp_path):
     writer = ShardWriter(folders["renamed"], 700, state)
     add(writer, "t4")
     assert writer.finish() == clean
+    broken = tmp_path / "broken"  # a saved state whose open shard lost bytes
+    broken.mkdir()
+    writer = ShardWriter(broken, 700)
+    add(writer, "t0")
+    state = writer.state()
+    (broken / "shard-00001.data").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="shorter than its saved state: delete the folder"):
+        ShardWriter(broken, 700, state)
     for folder in folders.values():
         assert sorted(p.name for p in folder.iterdir()) == sorted([*clean, INDEX_FILE])
         for name in clean:

@@ -172,14 +172,20 @@ def refit_output_projection(
     """Output correction: refit the converted layer's ``o_proj`` so that its attention reproduces ``targets``
     [N, hidden] (the source layer's attention outputs on the same windows of ``stream``), by ridge least squares:
     with A [N, H d_v] the per-head attention outputs entering o_proj and Y = targets - bias,
-    W_O = Y^T A (A^T A + λ I)^-1, λ = ``ridge`` x mean diag(A^T A) (float64, on the layer's math device).
-    Exact in every format: o_proj stays one linear map."""
+    W_O = Y^T A (A^T A + λ I)^-1, λ = ``ridge`` x mean diag(A^T A) (float64, on the layer's math device; A^T A
+    and A^T Y accumulated window by window). Exact in every format: o_proj stays one linear map."""
     o_proj = layer.self_attn.o_proj
     device = math_device(o_proj.weight.device)
-    rows = []
+    bias = None if o_proj.bias is None else o_proj.bias.to(device=device, dtype=torch.float64)
+    sums = {"gram": 0.0, "cross": 0.0, "rows": 0}  # A^T A and A^T Y, accumulated window by window
 
     def pre_hook(module, args):
-        rows.append(args[0].detach().reshape(-1, args[0].shape[-1]).to(device=device, dtype=torch.float64))
+        a = args[0].detach().reshape(-1, args[0].shape[-1]).to(device=device, dtype=torch.float64)
+        start = sums["rows"]
+        y = targets[start : start + len(a)].to(device=device, dtype=torch.float64)
+        sums["gram"] = sums["gram"] + a.T @ a
+        sums["cross"] = sums["cross"] + a.T @ (y if bias is None else y - bias)
+        sums["rows"] = start + len(a)
         raise _Captured
 
     handle = o_proj.register_forward_pre_hook(pre_hook)
@@ -191,13 +197,11 @@ def refit_output_projection(
                 pass
     finally:
         handle.remove()
-    a = torch.cat(rows)
-    y = targets.to(device=device, dtype=torch.float64)
-    if o_proj.bias is not None:
-        y = y - o_proj.bias.to(device=device, dtype=torch.float64)
-    gram = a.T @ a
+    if sums["rows"] != len(targets):
+        raise ValueError(f"o_proj saw {sums['rows']} rows for {len(targets)} targets")
+    gram = sums["gram"]
     gram.diagonal().add_(ridge * gram.diagonal().mean())
-    weight = torch.linalg.solve(gram, a.T @ y).T  # [hidden, H d_v]
+    weight = torch.linalg.solve(gram, sums["cross"]).T  # [hidden, H d_v]
     o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
 
 

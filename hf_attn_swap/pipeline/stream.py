@@ -36,7 +36,7 @@ from ..export.deepseek_v3 import (
 )
 from ..io.checkpoints import copy_tokenizer_files
 from ..io.folders import atomic_output_dir, write_json
-from ..io.shards import ShardWriter, parse_size, tensor_bytes
+from ..io.shards import ShardWriter, parse_size, save_safetensors, tensor_bytes
 from ..io.text import load_token_ids
 from ..methods.calibration import CalibrationConfig, CalibrationText
 from ..methods.gqa import GQAConfig, GQALayers
@@ -101,12 +101,11 @@ def resume_key(src: Path, payload: dict) -> str:
 
 
 def _save_stream(folder: Path, layer: int, stream: list[torch.Tensor]) -> str:
-    """Save layer ``layer``'s calibration inputs as ``stream-<layer>.safetensors``; returns the file name."""
-    from safetensors.torch import save_file
-
+    """Save layer ``layer``'s calibration inputs as ``stream-<layer>.safetensors`` (fsynced, then renamed into
+    place); returns the file name."""
     name = f"stream-{layer}.safetensors"
     tmp = folder / (name + ".tmp")
-    save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(stream)}, str(tmp))
+    save_safetensors({str(i): t.detach().cpu().contiguous() for i, t in enumerate(stream)}, tmp)
     os.replace(tmp, folder / name)
     return name
 
