@@ -115,7 +115,8 @@ def test_metric_pca_minimises_the_error_in_its_metric_and_key_weights_in_theirs(
     """weighting.py: with metrics (S, T), joint_kv keeps the best rank-r subspace of [S K ; T V] x, so its error
     measured in that metric is never above plain PCA's; with key weights b, the moment E[b x x^T] makes the
     b-weighted error minimal. Both decoders are S^-1 / T^-1 of the metric basis (checked through the error)."""
-    from hf_attn_swap.methods.mla.weighting import head_metrics, weighted_moment
+    from hf_attn_swap.methods.affine import weighted_moment
+    from hf_attn_swap.methods.mla.weighting import head_metrics
 
     generator = torch.Generator().manual_seed(0)
     heads, kv_heads, d, hidden = 4, 2, 8, 24

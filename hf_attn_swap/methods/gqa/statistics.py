@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ...adapters import RopeInfo
+from ..affine import weighted_moment
 from .base import LayerContext
 
 
@@ -31,8 +32,7 @@ def key_moment(ctx: LayerContext) -> torch.Tensor:
     if ctx.key_weights is None:
         return input_moment(ctx)
     if "key_moment" not in ctx.cache:
-        x, b = _augmented_inputs(ctx), ctx.key_weights.to(torch.float64)
-        ctx.cache["key_moment"] = (x * (b / b.mean()).unsqueeze(1)).T @ x / x.shape[0]
+        ctx.cache["key_moment"] = weighted_moment(_augmented_inputs(ctx), ctx.key_weights, 1.0)
     return ctx.cache["key_moment"]
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ...adapters import AttentionLayout, UnsupportedArchitectureError, get_adapter
 from ...modeling.mla import MLAAttention, MLAConfig, MLADecoderLayer, MLAForCausalLM, MLAModel
-from ..affine import with_bias
+from ..affine import weighted_moment, with_bias
 from ..calibration import Calibration, CalibrationText
 from ..device import math_device
 from ..gqa.base import per_query_head
@@ -35,7 +35,7 @@ from .config import MLAConversionConfig
 from .factorize import JointKV, joint_kv
 from .freqfold import fold_ladder, freqfold
 from .rope import pair_dims, rope_key_mixing, select_rope_pairs, validate_rope_dim
-from .weighting import head_metrics, weighted_moment
+from .weighting import head_metrics
 
 #: config fields of the Llama-style decoder that every format carries over unchanged
 DECODER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -5,7 +5,7 @@ Plain ``pca`` keeps the latent subspace with the most K/V activation energy, E_x
 inputs. What matters is the scores q·k and the outputs W_O v, over the keys in proportion to the attention they get:
 
 - **key weights** (``key_weight_power`` γ): each calibration token counts b^γ times in the moment,
-  Σ_b = E[b^γ x x^T] / E[b^γ], b = the attention it receives as a key (summed over the queries of its window,
+  Σ_b = E[b^γ x x^T] / E[b^γ] (``methods.affine.weighted_moment``), b = the attention it receives as a key (summed over the queries of its window,
   averaged over heads; one eager forward of the source layer, ``layerwise.capture_attention_inputs``). Used by
   the rope key (which keys keep their rotation) and by the latent's PCA. γ = 0: every token alike.
 - **score / output metrics** (``latent_metric_power`` p): the K_nope rows of KV head g are multiplied by
@@ -22,15 +22,6 @@ import torch
 
 #: ridge on the normalised Grams (mean eigenvalue 1): keeps S^-1 bounded where queries never look
 METRIC_RIDGE = 1e-2
-
-
-def weighted_moment(rows: torch.Tensor, key_weights: torch.Tensor | None, power: float) -> torch.Tensor:
-    """E[b^γ x x^T] / E[b^γ] of rows [N, D] (float64) weighted by key_weights [N] ** power; E[x x^T] when the
-    weights are None or the power 0."""
-    if key_weights is None or power == 0:
-        return rows.T @ rows / len(rows)
-    b = key_weights.to(device=rows.device, dtype=rows.dtype).clamp_min(0) ** power
-    return (rows * (b / b.mean()).unsqueeze(1)).T @ rows / len(rows)
 
 
 def _power(gram: torch.Tensor, power: float) -> tuple[torch.Tensor, torch.Tensor]:
