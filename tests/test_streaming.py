@@ -201,10 +201,10 @@ def test_shard_writer_resumes_from_its_state(tmp_path):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def convert_command(src, out, files, *extra):
+def convert_command(src, out, files, *extra, shard="20KB"):
     return [PYTHON, "-m", "hf_attn_swap", "convert", str(src), str(out), "--to", "mla", "--kv-lora-rank", "13",
             "--rope-dim", "8", "--calibration-data", *files, "--calibration-tokens", str(TOKENS),
-            "--calibration-window", str(WINDOW), "--max-shard-size", "20KB", *extra]  # fmt: skip
+            "--calibration-window", str(WINDOW), "--max-shard-size", shard, *extra]  # fmt: skip
 
 
 @pytest.mark.parametrize("shard", ["20KB", "10MB"])
@@ -215,12 +215,11 @@ def test_kill_9_mid_conversion_then_rerun_gives_the_uninterrupted_output(source,
     src, files = source
     digest = tree_digest(src)
     out, clean = tmp_path / "out", tmp_path / "clean"
-    killed = subprocess.run(
-        convert_command(src, out, files, "--max-shard-size", shard),
-        env=subprocess_env(**{KILL_AT_LAYER: "3"}),
-        capture_output=True,
-        text=True,
-    )
+    def run(folder, **env):
+        command = convert_command(src, folder, files, shard=shard)
+        return subprocess.run(command, env=subprocess_env(**env), capture_output=True, text=True)
+
+    killed = run(out, **{KILL_AT_LAYER: "3"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not out.exists()
     (partial,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
@@ -229,20 +228,10 @@ def test_kill_9_mid_conversion_then_rerun_gives_the_uninterrupted_output(source,
     pending = {int(name.split(".")[2]) for name, _, _ in state["writer"]["pending"]}
     assert pending == ({2} if shard == "20KB" else {0, 1, 2})  # the shard being filled, synced to layer 2
     assert bool(state["writer"]["shards"]) == (shard == "20KB")
-    resumed = subprocess.run(
-        convert_command(src, out, files, "--max-shard-size", shard),
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    resumed = run(out)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not partial.exists()
-    fresh = subprocess.run(
-        convert_command(src, clean, files, "--max-shard-size", shard),
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-    )
+    fresh = run(clean)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
     for file in clean.iterdir():

@@ -2,16 +2,17 @@
 
 The one loop (``convert_layers``) behind both the in-memory API (``convert_to_mla`` / ``convert_to_gqa`` with a
 ``CalibrationText``) and ``hf-attn-swap convert`` on checkpoints larger than memory. A conversion is any object
-with ``convert(l, layer, inputs, key_weights) -> layer``, ``needs_calibration`` and ``uses_key_weights``
-(``MLALayers``, ``GQALayers``). Per layer l:
+with ``convert(l, layer, inputs, key_weights) -> layer``, ``needs_calibration``, ``uses_key_weights`` and
+``output_correction`` (``MLALayers``, ``GQALayers``). Per layer l:
 
 1. ``source.layer(l)``: the decoder layer (the model's own, or built on the meta device from the checkpoint's
    tensors of that layer only: ``CheckpointLayers``);
 2. its attention inputs on the carried calibration hidden states h_l [windows, T, hidden] (a forward pre-hook on
    the attention, the rest of the layer skipped; with ``uses_key_weights`` one eager attention forward for the
-   attention each token receives);
+   attention each token receives; with ``output_correction`` also the attention's outputs);
 3. ``conversion.convert(l, layer, inputs, key_weights)``: the method's per-layer math (``MLALayerConverter``,
-   ``convert_gqa_layer``), which rewrites the layer in place;
+   ``convert_gqa_layer``), which rewrites the layer in place; with ``output_correction``, its o_proj is then
+   refitted to the source attention's outputs (``refit_output_projection``);
 4. h_{l+1} = layer(h_l): the converted layer in ``sequential`` mode (layer l+1 is calibrated on what the converted
    layers 0..l produce), the original one, in step 2, in ``original`` mode (the inputs ``collect_calibration``
    records, bit for bit: eager attention throughout when key weights are collected, as there);
@@ -355,7 +356,7 @@ def convert_layers(
         more = stream is not None and idx < n - 1
         if stream is not None:  # original mode: the original layer's outputs come with its inputs
             original = more and calibration.mode == "original"
-            correct = getattr(conversion, "output_correction", False)
+            correct = conversion.output_correction
             captured = capture_attention_inputs(
                 layer, stream, source.rotary, conversion.uses_key_weights, original, correct
             )

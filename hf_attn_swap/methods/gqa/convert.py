@@ -124,6 +124,7 @@ class GQALayers:
         validate_num_key_value_heads(self.layout, self.num_key_value_heads)
         self.needs_calibration = self.method.needs_calibration
         self.uses_key_weights = self.method.uses_key_weights
+        self.output_correction = False  # measured harmful on GQA ``fit`` (README, MLA results)
         self.changed = self.num_key_value_heads != self.layout.num_key_value_heads
         self.head_order: dict[int, list[int]] = {}
         self.calibration_rows: int | None = None
