@@ -8,7 +8,7 @@ from typing import Literal
 
 @dataclass
 class ExampleModelArguments:
-    name: Literal["smollm2", "minilm"] = field(
+    name: Literal["smollm2", "qwen2.5-coder", "minilm"] = field(
         metadata={"help": "the packaged model (hf_attn_swap.io.examples)"}
     )
     refresh: bool = field(default=False, metadata={"help": "rebuild the cached folder"})
