@@ -12,7 +12,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+import transformers
 from conftest import make_groups_identical, subprocess_env
+from packaging.version import Version
 from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_attn_swap
@@ -20,6 +22,7 @@ from hf_attn_swap import UnsupportedArchitectureError, convert_to_gqa, get_adapt
 from hf_attn_swap.evaluate.metrics import measure_kv_cache_bytes_per_token
 from hf_attn_swap.methods.calibration import collect_attention_inputs
 from hf_attn_swap.methods.gqa import GQAMethod, MeanPooling
+from hf_attn_swap.modeling import falcon as falcon_modeling
 from hf_attn_swap.testing import repeated_kv_reference, tiny_model
 
 #: name -> (model_type, Auto class, config overrides); every case has 4 query heads and 4 KV heads
@@ -147,12 +150,30 @@ def test_measured_kv_cache_shrinks_by_head_ratio(name, num_kv):
     assert before / after == 4 / num_kv
 
 
-def test_stock_falcon_40b_style_caches_every_query_head_the_plugin_only_kv_heads():
+def test_stock_falcon_40b_style_cache_heads_by_transformers_version_the_plugin_only_kv_heads():
     model = tiny_model("falcon", num_key_value_heads=2)  # new_decoder_architecture, num_kv_heads=2
+    # transformers < 5.25 repeats K/V to all 4 query heads before caching them; 5.25 caches the 2 K/V heads
+    cached_heads = 4 if Version(transformers.__version__) < Version("5.25.0.dev0") else 2
+    assert falcon_modeling.stock_cached_kv_heads(model.config) == cached_heads
     stock = measure_kv_cache_bytes_per_token(model)
     report = convert_to_gqa(model, 1)
-    assert stock == 2 * report.kv_bytes_per_token_before  # stock repeats K/V to all 4 heads before caching
-    assert measure_kv_cache_bytes_per_token(model) == report.kv_bytes_per_token_after == stock / 4
+    assert report.before["num_key_value_heads"] == 2
+    assert stock == cached_heads / 2 * report.kv_bytes_per_token_before
+    assert measure_kv_cache_bytes_per_token(model) == report.kv_bytes_per_token_after == stock / cached_heads
+
+
+def test_grouped_falcon_config_keeps_its_num_key_value_heads():
+    # transformers 5.25's FalconConfig.__post_init__ derives num_key_value_heads from the stock fields
+    fields = {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "new_decoder_architecture": True,
+        "num_kv_heads": 2,
+    }
+    config = falcon_modeling.GroupedFalconConfig(**fields, num_key_value_heads=1)
+    assert config.num_key_value_heads == 1
+    assert type(config).from_dict(config.to_dict()).num_key_value_heads == 1
+    assert falcon_modeling.GroupedFalconConfig(**fields).num_key_value_heads == 2  # None: the stock count
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -48,12 +48,16 @@ def with_repeated_kv(eager_attention):
 
 class GroupedConfigMixin:
     """Base for plugin configs ``@strict class GroupedXConfig(GroupedConfigMixin, XConfig)`` that declare
-    ``num_key_value_heads: int | None = None`` (None: the stock model's K/V head count)."""
+    ``num_key_value_heads: int | None = None`` (None: the stock model's K/V head count).
+
+    The requested value is read before the stock ``__post_init__`` runs and restored after it: a stock config may
+    derive its own ``num_key_value_heads`` there (transformers 5.25's ``FalconConfig`` sets the stock variant's
+    count), which would otherwise replace the grouped one and size the projections for the stock heads."""
 
     def __post_init__(self, **kwargs):
+        requested = self.num_key_value_heads
         super().__post_init__(**kwargs)
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.stock_num_key_value_heads()
+        self.num_key_value_heads = self.stock_num_key_value_heads() if requested is None else requested
         check_num_key_value_heads(self.num_attention_heads, self.num_key_value_heads)
 
     def stock_num_key_value_heads(self) -> int:
