@@ -19,7 +19,7 @@ from transformers import HfArgumentParser
 
 from .io.recipes import load_recipe_yaml
 from .methods.calibration import CalibrationConfig
-from .methods.gqa import GQAConfig
+from .methods.gqa import GQAConversionConfig
 from .methods.mla import MLAConversionConfig
 from .pipeline.bench import BenchArguments, run_bench
 from .pipeline.convert import ConvertArguments, run_convert
@@ -60,7 +60,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "convert": Command(
         "convert a checkpoint folder SRC into a new folder OUT",
-        (ConvertArguments, GQAConfig, MLAConversionConfig, CalibrationConfig),
+        (ConvertArguments, GQAConversionConfig, MLAConversionConfig, CalibrationConfig),
         run_convert,
         positional=("src", "out"),
         aliases={"num_key_value_heads": ["--num-kv-heads"], "qk_rope_head_dim": ["--rope-dim"]},

@@ -7,7 +7,7 @@
 
 When ``model`` does not exist yet and the config has a ``convert:`` section, the model is first converted from
 ``convert.source`` (``example:smollm2`` = the packaged SmolLM2) with ``hf_attn_swap.pipeline.convert.convert_checkpoint``;
-the other keys of the section are its arguments: ``to: gqa`` with ``num_key_value_heads``/``method`` (``GQAConfig``),
+the other keys of the section are its arguments: ``to: gqa`` with ``num_key_value_heads``/``method`` (``GQAConversionConfig``),
 ``to: mla`` with ``mla: {...}`` (``MLAConversionConfig``), ``calibration_data``/``calibration_tokens``. The rest of
 the YAML is an ``UptrainConfig`` (read with ``HfArgumentParser.parse_dict``). Rerunning an interrupted recipe resumes
 it. Same engine as ``hf-attn-swap uptrain`` (``hf_attn_swap.uptrain.uptrain``).

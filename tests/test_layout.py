@@ -138,3 +138,63 @@ def test_the_layout_check_catches_an_upward_import(tmp_path, monkeypatch):
             raise AssertionError("an upward import was not reported")
     finally:
         fake.unlink()
+
+
+#: where the size rules hold (the rooms the conversions, exports and pipeline live in)
+SIZED_PARTS = ("methods", "export", "pipeline")
+MAX_FUNCTION_LINES = 80
+MAX_PARAMETERS = 8
+
+
+def sized_functions():
+    """(path, qualified name, lines, parameters) of every function in ``SIZED_PARTS`` (``self``/``cls`` and
+    ``*args``/``**kwargs`` not counted as parameters)."""
+    import hf_attn_swap
+
+    public = set(hf_attn_swap.__all__)
+    found = []
+    for path in package_files():
+        if path.relative_to(PACKAGE).parts[0] not in SIZED_PARTS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = node.args
+                names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+                count = len([n for n in names if n not in ("self", "cls")])
+                found.append((path, node.name, node.end_lineno - node.lineno + 1, count, node.name in public))
+    return found
+
+
+def test_functions_fit_a_screen():
+    """No function in methods/, export/ or pipeline/ is longer than 80 lines (docstring included)."""
+    long = [f"{p.relative_to(REPO_ROOT)}:{name} ({lines} lines)" for p, name, lines, _, _ in sized_functions()
+            if lines > MAX_FUNCTION_LINES]  # fmt: skip
+    assert not long, "split these (<= 80 lines each):\n" + "\n".join(long)
+
+
+def test_functions_take_few_parameters():
+    """More than 8 parameters asks for an options object, except in the public API (``hf_attn_swap.__all__``),
+    whose keyword options users type."""
+    many = [f"{p.relative_to(REPO_ROOT)}:{name} ({count} parameters)" for p, name, _, count, public in sized_functions()
+            if count > MAX_PARAMETERS and not public]  # fmt: skip
+    assert not many, "take an options object instead:\n" + "\n".join(many)
+
+
+def test_the_size_checks_catch_a_long_function(monkeypatch):
+    """The two checks above can fail: a 90-line function with 9 parameters in pipeline/ is reported by both."""
+    body = "\n".join(f"    x{i} = {i}" for i in range(89))
+    fake = PACKAGE / "pipeline" / "_size_probe.py"
+    fake.write_text(f"def probe(a, b, c, d, e, f, g, h, i):\n{body}\n")
+    try:
+        for check, expected in (
+            (test_functions_fit_a_screen, "(90 lines)"),
+            (test_functions_take_few_parameters, "(9 parameters)"),
+        ):
+            try:
+                check()
+            except AssertionError as err:
+                assert "pipeline/_size_probe.py:probe " + expected in str(err)
+            else:
+                raise AssertionError(f"{check.__name__} did not report the probe")
+    finally:
+        fake.unlink()

@@ -117,15 +117,21 @@ def test_bench_writes_measurements(source, tmp_path):
     assert torch.get_num_threads() == threads  # no --threads: torch's setting is left alone
 
 
-def test_rope_scaled_source_is_refused_for_deepseek_v3_before_any_layer(tmp_path, capsys, monkeypatch):
-    """Llama-3's rope scaling puts the kept low frequencies on no plain DeepSeek ladder: refused from the config
-    alone (no layer converted, nothing written), naming --format plugin, which does convert it."""
+def test_rope_dims_beyond_the_unscaled_band_are_refused_for_deepseek_v3_before_any_layer(
+    tmp_path, capsys, monkeypatch
+):
+    """Llama-3's rope scaling leaves only the fastest pair of this tiny head unchanged (original length 64), and
+    deepseek_v3 writes no scaling: 8 rope dims are refused from the config alone (no layer converted, nothing
+    written), naming --format plugin, which does convert it (the default conversion of a realistic Llama-3:
+    tests/test_mla_families.py)."""
     import hf_attn_swap.pipeline.convert as convert
 
     src = tmp_path / "llama3"
     scaling = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
-    tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, rope_parameters=scaling).save_pretrained(src)
+    tiny_model(
+        "llama", num_attention_heads=4, num_key_value_heads=2, rope_parameters=scaling
+    ).save_pretrained(src)
     capsys.readouterr()
 
     def streamed(*args, **kwargs):
@@ -135,7 +141,7 @@ def test_rope_scaled_source_is_refused_for_deepseek_v3_before_any_layer(tmp_path
     out = tmp_path / "out"
     assert main(convert_argv(src, out, 24, 8, *DATA_FREE)) == 2
     err = capsys.readouterr().err
-    assert "rope scaling (llama3)" in err and "--format plugin" in err and len(err.strip().splitlines()) == 1
+    assert "llama3 rope scaling" in err and "--format plugin" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama3"]
     assert main(convert_argv(src, out, 24, 8, *DATA_FREE, "--format", "plugin")) == 2
     assert "layer-by-layer conversion started" in capsys.readouterr().err

@@ -222,17 +222,17 @@ def test_norm_error_bound_holds_and_is_tight():
 
             def latent_error(x_hat, k=k, width=width):  # x_hat: RMSNorm outputs, |x_hat| <= sqrt(hidden)
                 exact = (x_hat * gamma) @ down.T
-                z = torch.cat([k["kappa"] * exact, exact.new_zeros(len(exact), width - 24)], 1)
-                normed = z[:, :24] / (z.square().mean(-1, keepdim=True) + eps).sqrt() * k["norm_weight"]
+                z = torch.cat([k.kappa * exact, exact.new_zeros(len(exact), width - 24)], 1)
+                normed = z[:, :24] / (z.square().mean(-1, keepdim=True) + eps).sqrt() * k.norm_weight
                 return ((normed - exact).norm(dim=-1) / exact.norm(dim=-1)).max().item()
 
             x_hat = torch.randn(2048, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
             x_hat = x_hat / x_hat.square().mean(-1, keepdim=True).sqrt()
-            assert latent_error(x_hat) <= k["bound"] <= NORM_ERROR_TARGETS[dtype]
-            assert k["bound"] > NORM_ERROR_TARGETS[dtype] / 8  # kappa is the largest power of two that fits
+            assert latent_error(x_hat) <= k.bound <= NORM_ERROR_TARGETS[dtype]
+            assert k.bound > NORM_ERROR_TARGETS[dtype] / 8  # kappa is the largest power of two that fits
             _, _, right = torch.linalg.svd(down * gamma)
             worst = right[:1] * 64**0.5  # the direction that maximises |c|, at the largest possible norm
-            assert latent_error(worst) == pytest.approx(k["bound"], rel=1e-6)
+            assert latent_error(worst) == pytest.approx(k.bound, rel=1e-6)
 
 
 def test_bfloat16_export_stays_at_the_dtypes_rounding_level():
@@ -277,9 +277,9 @@ def test_float16_and_biased_models_are_refused():
     with pytest.raises(ValueError, match="attention biases.*--format plugin"):
         to_deepseek_v3(biased)
     model = converted("llama", 2)
-    with pytest.raises(ValueError, match="pad-kv-lora-rank 16 is smaller than the latent rank 24"):
+    with pytest.raises(ValueError, match="pad-kv-lora-rank 16 must be at least --kv-lora-rank 24"):
         to_deepseek_v3(model, 16)
-    with pytest.raises(ValueError, match="must be even and at least the 8 rope dims"):
+    with pytest.raises(ValueError, match="must be even and at least --rope-dim 8"):
         to_deepseek_v3(model, None, 6)
     with pytest.raises(ValueError, match="--pad-rope-dim 16 or more.*--format plugin"):
         to_deepseek_v3(converted("llama", 2, "low"))
@@ -303,7 +303,7 @@ def sources(tmp_path_factory):
         ("llama", ["--pad-rope-dim", "6"], "at least --rope-dim 8"),
         ("llama", ["--pad-rope-dim", "64", "--format", "plugin"], "only apply to --format deepseek_v3"),
         ("llama", ["--pad-kv-lora-rank", "x"], "invalid int value"),
-        ("llama", ["--rope-selection", "low"], "--rope-selection low needs --pad-rope-dim 16"),
+        ("llama", ["--rope-selection", "low"], "pad the rope to --pad-rope-dim 16 or more"),
     ],
 )
 def test_cli_refusals_are_one_line_and_write_nothing(sources, tmp_path, capsys, family, extra, message):

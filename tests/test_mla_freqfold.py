@@ -79,7 +79,8 @@ def test_invalid_folds_raise_before_touching_the_model(fold):
 def test_kv_budget_split_for_smollm2_shaped_heads(budget, split):
     from hf_attn_swap.methods.mla.budget import split_kv_budget
 
-    values, rank, rope = split_kv_budget(str(budget), 64, 384)
+    ladders = [2 * m for m in range(1, 33) if 32 % m == 0]  # SmolLM2: 32 rotary pairs, no rope scaling
+    values, rank, rope = split_kv_budget(str(budget), ladders, 384)
     assert (rank, rope) == split and values == rank + rope
 
 

@@ -16,7 +16,7 @@ from hf_attn_swap import convert_to_gqa, convert_to_mla
 from hf_attn_swap.cli import COMMANDS, build_parser, main, parse
 from hf_attn_swap.evaluate.suite import EVAL_DEFAULTS
 from hf_attn_swap.methods.calibration import CalibrationConfig
-from hf_attn_swap.methods.gqa import GQAConfig
+from hf_attn_swap.methods.gqa import GQAConversionConfig
 from hf_attn_swap.methods.mla import MLAConversionConfig
 from hf_attn_swap.pipeline.convert import convert_checkpoint
 from hf_attn_swap.pipeline.evaluate import EvalDataConfig
@@ -41,11 +41,13 @@ def test_python_api_defaults_are_the_config_defaults():
     mla = MLAConversionConfig()
     names = ["rope_selection", "factorization", "num_rope_key_heads", "rank_allocation", "balance_kv"]
     assert defaults(convert_to_mla, names) == {n: getattr(mla, n) for n in names}
-    assert mla.rope_selection == "freqfold" and mla.factorization is None  # README: freqfold; pca when calibrated
-    assert defaults(convert_to_gqa, ["method"]) == {"method": GQAConfig().method}
+    assert (
+        mla.rope_selection == "freqfold" and mla.factorization is None
+    )  # README: freqfold; pca when calibrated
+    assert defaults(convert_to_gqa, ["method"]) == {"method": GQAConversionConfig().method}
     calibration = CalibrationConfig()
     assert defaults(convert_checkpoint, ["method", "calibration_tokens", "calibration_window"]) == {
-        "method": GQAConfig().method,
+        "method": GQAConversionConfig().method,
         "calibration_tokens": calibration.calibration_tokens,
         "calibration_window": calibration.calibration_window,
     }
@@ -54,8 +56,8 @@ def test_python_api_defaults_are_the_config_defaults():
 
 def test_cli_defaults_are_the_config_defaults():
     _, (args, gqa, mla, calibration) = parse(["convert", "SRC", "OUT", "--to", "mla"])
-    assert (gqa, mla, calibration) == (GQAConfig(), MLAConversionConfig(), CalibrationConfig())
-    _, (_, data, _) = parse(["eval", "MODEL"])
+    assert (gqa, mla, calibration) == (GQAConversionConfig(), MLAConversionConfig(), CalibrationConfig())
+    _, (_, data, *_) = parse(["eval", "MODEL"])
     assert data == EvalDataConfig()
     _, (config, _) = parse(["uptrain", "MODEL", "OUT"])
     assert config == UptrainConfig(model="MODEL", output="OUT")
@@ -84,8 +86,8 @@ def test_cli_spellings_switches_and_positionals():
         (lambda: MLAConversionConfig(factorization="qr"), "unknown factorization 'qr'"),
         (lambda: MLAConversionConfig(format="stock"), "unknown format 'stock'"),
         (lambda: MLAConversionConfig(kv_lora_rank=8.0), "kv_lora_rank must be an int"),
-        (lambda: GQAConfig(1, "median"), "unknown GQA method 'median'"),
-        (lambda: GQAConfig(1.5), "num_key_value_heads must be an int"),
+        (lambda: GQAConversionConfig(1, "median"), "unknown GQA method 'median'"),
+        (lambda: GQAConversionConfig(1.5), "num_key_value_heads must be an int"),
         (lambda: CalibrationConfig(calibration_tokens=0), "calibration_tokens must be a positive"),
         (lambda: UptrainConfig(learning_rate="fast"), "learning_rate must be a number"),
     ],
@@ -122,14 +124,14 @@ def test_config_objects_are_the_loose_arguments():
     with pytest.raises(ValueError, match="not both"):
         convert_to_mla(tiny_model("llama"), MLAConversionConfig(12, 4), rope_selection="low")
     model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=4)
-    assert convert_to_gqa(model, GQAConfig(2)).after == {"num_key_value_heads": 2}
+    assert convert_to_gqa(model, GQAConversionConfig(2)).after == {"num_key_value_heads": 2}
 
 
 def test_conversion_json_records_the_options(saved_tiny, tmp_path):
     src = saved_tiny("llama", num_attention_heads=4, num_key_value_heads=4)
-    convert_checkpoint(src, tmp_path / "gqa", GQAConfig(2))
+    convert_checkpoint(src, tmp_path / "gqa", GQAConversionConfig(2))
     details = json.loads((tmp_path / "gqa" / "conversion.json").read_text())["details"]
-    assert details["options"] == dataclasses.asdict(GQAConfig(2, "mean"))
+    assert details["options"] == dataclasses.asdict(GQAConversionConfig(2, "mean"))
     convert_checkpoint(
         src, tmp_path / "mla", "mla", mla={"kv_lora_rank": 9, "qk_rope_head_dim": 8, "factorization": "svd"}
     )

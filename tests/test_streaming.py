@@ -18,7 +18,7 @@ from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer
 from hf_attn_swap.io.shards import INDEX_FILE, CheckpointReader, parse_size
 from hf_attn_swap.io.text import load_token_ids
 from hf_attn_swap.methods.calibration import CalibrationText, collect_calibration
-from hf_attn_swap.methods.gqa import GQAConfig, convert_to_gqa
+from hf_attn_swap.methods.gqa import GQAConversionConfig, convert_to_gqa
 from hf_attn_swap.methods.mla import MLAConversionConfig
 from hf_attn_swap.pipeline.convert import convert_checkpoint
 from hf_attn_swap.pipeline.stream import KILL_AT_LAYER, STATE_DIR
@@ -45,8 +45,8 @@ def same_weights(a: dict, b: dict) -> None:
 TARGETS = {
     "mla-plugin": MLAConversionConfig(12, 8, format="plugin"),
     "mla-deepseek": MLAConversionConfig(12, 8, rope_selection="uniform"),
-    "gqa-fit": GQAConfig(1, "fit"),
-    "gqa-mean": GQAConfig(1, "mean"),
+    "gqa-fit": GQAConversionConfig(1, "fit"),
+    "gqa-mean": GQAConversionConfig(1, "mean"),
 }
 
 
@@ -69,7 +69,9 @@ def test_streamed_checkpoint_equals_the_in_memory_api(source, tmp_path, name):
     calibration = None
     if calibrated:
         ids = load_token_ids(load_tokenizer(src), files, TOKENS)
-        mode = "sequential" if name.startswith("mla") else "original"  # the unset mode: best measured per target
+        mode = (
+            "sequential" if name.startswith("mla") else "original"
+        )  # the unset mode: best measured per target
         calibration = CalibrationText(ids, WINDOW, mode)
         assert report.details["calibration_mode"] == mode
     if name.startswith("mla"):
@@ -109,7 +111,9 @@ def test_original_mode_equals_collected_calibration(method):
         )
         whole, layerwise = copy.deepcopy(model), copy.deepcopy(model)
         if method == "mla":
-            convert_to_mla(whole, 12, 8, calibration=collect_calibration(whole, ids, window=48, key_weights=True))
+            convert_to_mla(
+                whole, 12, 8, calibration=collect_calibration(whole, ids, window=48, key_weights=True)
+            )
             report = convert_to_mla(
                 layerwise, 12, 8, calibration=CalibrationText(ids, 48, "original"), output_correction=False
             )
@@ -155,7 +159,10 @@ def test_shard_writer_resumes_from_its_state(tmp_path):
 
     from hf_attn_swap.io.shards import ShardWriter
 
-    t = {f"t{i}": torch.full((10, 10), float(i), dtype=torch.float32 if i % 2 else torch.bfloat16) for i in range(5)}
+    t = {
+        f"t{i}": torch.full((10, 10), float(i), dtype=torch.float32 if i % 2 else torch.bfloat16)
+        for i in range(5)
+    }
 
     def add(writer, *names):  # shards of 700 bytes: [t0 t1] [t2 t3] [t4]
         for name in names:
@@ -215,6 +222,7 @@ def test_kill_9_mid_conversion_then_rerun_gives_the_uninterrupted_output(source,
     src, files = source
     digest = tree_digest(src)
     out, clean = tmp_path / "out", tmp_path / "clean"
+
     def run(folder, **env):
         command = convert_command(src, folder, files, shard=shard)
         return subprocess.run(command, env=subprocess_env(**env), capture_output=True, text=True)
@@ -285,7 +293,7 @@ DEVICE_CASES = {
     "mla-freqfold-pca": MLAConversionConfig(12, 8, format="plugin"),
     "mla-norm-pca": MLAConversionConfig(12, 8, format="plugin", rope_selection="norm"),
     "mla-uniform-2-rope-keys": MLAConversionConfig(12, 8, rope_selection="uniform", num_rope_key_heads=2),
-    **{f"gqa-{name}": GQAConfig(1, name) for name in ("mean", "align", "fit", "group-fit")},
+    **{f"gqa-{name}": GQAConversionConfig(1, name) for name in ("mean", "align", "fit", "group-fit")},
 }
 
 
@@ -320,7 +328,7 @@ def test_decompositions_create_their_tensors_on_the_layer_device(name):
     from hf_attn_swap.methods.device import math_device
     from hf_attn_swap.methods.gqa.convert import convert_gqa_layer
     from hf_attn_swap.methods.gqa.registry import GQA_METHODS
-    from hf_attn_swap.methods.mla.convert import MLALayerConverter
+    from hf_attn_swap.methods.mla import MLAConversion
 
     assert math_device("cpu") == torch.device("cpu")
     model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
@@ -331,8 +339,9 @@ def test_decompositions_create_their_tensors_on_the_layer_device(name):
     options = DEVICE_CASES[name]
     with DevicelessTensors() as mode:
         if name.startswith("mla"):
-            converter = MLALayerConverter(model.config, options, "pca", 1.0)
-            converter.plan(1, attn, inputs)
+            conversion = MLAConversion(model.config, options, True, None)
+            assert conversion.factorization.name == "pca"
+            conversion.decompose(1, attn, inputs)
         else:
             adapter = get_adapter(model.config)
             layout = adapter.layout(model.config)
@@ -356,19 +365,50 @@ def test_output_correction_refits_o_proj_to_the_source_attention():
     with torch.no_grad():
         layer.self_attn.o_proj.weight.normal_()
     refit_output_projection(layer, stream, rotary, targets, ridge=0.0)
-    torch.testing.assert_close(layer.self_attn.o_proj.weight, original, rtol=1e-4, atol=1e-6)  # float32 targets
+    torch.testing.assert_close(
+        layer.self_attn.o_proj.weight, original, rtol=1e-4, atol=1e-6
+    )  # float32 targets
 
     errors, states = {}, {}
     for correct in (False, True):
         converted = copy.deepcopy(model)
-        convert_to_mla(converted, 6, 4, calibration=CalibrationText(ids, 48, "sequential"), output_correction=correct)
+        convert_to_mla(
+            converted, 6, 4, calibration=CalibrationText(ids, 48, "sequential"), output_correction=correct
+        )
         got = capture_attention_inputs(converted.model.layers[0], stream, rotary, attention_outputs=True)
         errors[correct] = (got.attention_outputs - targets).square().sum().item()
         states[correct] = converted.state_dict()
     assert errors[True] < 0.9 * errors[False]
-    assert states[True]["model.layers.0.self_attn.o_proj.weight"].ne(
-        states[False]["model.layers.0.self_attn.o_proj.weight"]
-    ).any()
+    assert (
+        states[True]["model.layers.0.self_attn.o_proj.weight"]
+        .ne(states[False]["model.layers.0.self_attn.o_proj.weight"])
+        .any()
+    )
     for name, tensor in states[False].items():
         if name.startswith("model.layers.0.") and "o_proj" not in name:
             assert torch.equal(tensor, states[True][name]), name
+
+
+def test_sliding_window_layer_types_load_the_whole_model_or_are_refused(tmp_path, monkeypatch):
+    """A config whose ``layer_types`` name sliding-window layers (Qwen2 with use_sliding_window) is not streamed:
+    GQA converts the loaded model instead (the same weights as the in-memory API), MLA is refused in one line,
+    before any weight is read, naming the fix (the rule: ``adapters.sliding_window_layers``)."""
+    import hf_attn_swap.pipeline.convert as convert
+
+    src = save_tiny_checkpoint(tmp_path / "src", "qwen2", num_attention_heads=4, num_key_value_heads=2,
+                               use_sliding_window=True, sliding_window=8, max_window_layers=1)  # fmt: skip
+    model = load_causal_lm(src)
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+
+    def streamed(job):
+        raise AssertionError("a sliding-window model was streamed layer by layer")
+
+    monkeypatch.setattr(convert, "stream_checkpoint", streamed)
+    report = convert_checkpoint(src, tmp_path / "gqa", num_key_value_heads=1, method="mean")
+    assert report.after == {"num_key_value_heads": 1}
+    expected = copy.deepcopy(model)
+    convert_to_gqa(expected, 1, "mean")
+    same_weights(load_causal_lm(tmp_path / "gqa").state_dict(), expected.state_dict())
+    with pytest.raises(ValueError, match="sliding-window attention layers: set sliding_window=None"):
+        convert_checkpoint(src, tmp_path / "mla", "mla", mla={"kv_lora_rank": 12, "qk_rope_head_dim": 4})
+    assert not (tmp_path / "mla").exists()

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .base import ArchitectureAdapter, AttentionLayout, AttentionWeights, RopeInfo, new_linear
+from .base import (
+    ArchitectureAdapter,
+    AttentionLayout,
+    AttentionWeights,
+    RopeInfo,
+    check_full_attention,
+    new_linear,
+    sliding_window_layers,
+    unscaled_pairs,
+)
 from .bert import BertAdapter
 from .falcon import FalconAdapter
 from .gpt2 import GPT2Adapter
@@ -79,8 +88,11 @@ __all__ = [
     "LlamaLikeAdapter",
     "RopeInfo",
     "UnsupportedArchitectureError",
+    "check_full_attention",
     "get_adapter",
     "new_linear",
     "register_adapter",
+    "sliding_window_layers",
     "supported_model_types",
+    "unscaled_pairs",
 ]

@@ -27,6 +27,15 @@ class RopeInfo:
     style: str
     rotary_dim: int
     inv_freq: torch.Tensor | None = None
+    #: the leading pairs (fastest frequencies) a rope scaling (Llama-3's ``llama3``, YaRN, ...) leaves on the plain
+    #: ladder theta^(-2i/rotary_dim); None: every pair (no scaling)
+    unscaled_pairs: int | None = None
+    rope_type: str = "default"
+
+    @property
+    def plain_pairs(self) -> int:
+        """How many leading pairs turn at the plain ladder's frequencies (all of them without rope scaling)."""
+        return self.rotary_dim // 2 if self.unscaled_pairs is None else self.unscaled_pairs
 
     def pair_indices(self) -> torch.Tensor:
         """[rotary_dim/2, 2] the two head dims rotated together by each frequency."""
@@ -51,6 +60,8 @@ class AttentionLayout:
     head_dim: int
     rope: RopeInfo
     causal: bool = True
+    #: the attention projections with a bias (by config: Qwen2's q/k/v, Llama's ``attention_bias``)
+    biases: tuple[str, ...] = ()
 
     @property
     def group_size(self) -> int:
@@ -99,6 +110,42 @@ class AttentionWeights:
             for name, t in self.tensors().items()
         }
         return replace(self, **cast)
+
+
+def unscaled_pairs(config, rotary_dim: int) -> int | None:
+    """The leading rotary pairs whose frequency ``config``'s rope scaling leaves at theta^(-2i/rotary_dim) (None:
+    no scaling). ``dynamic`` rescales every frequency but pair 0's once a sequence passes the trained length."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        return None
+    if rope_type == "dynamic":
+        return 1
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    plain = float(params["rope_theta"]) ** -exponents
+    same = torch.isclose(scaled.double().cpu()[: len(plain)], plain, rtol=1e-5, atol=0)
+    return int(same.int().cumprod(0).sum())
+
+
+def sliding_window_layers(config) -> bool:
+    """Whether ``config`` has attention layers that see only a window of past tokens (``layer_types`` other than
+    ``full_attention``, or Mistral's ``sliding_window``)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    mistral_window = config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None
+    return any(t != "full_attention" for t in layer_types) or mistral_window
+
+
+def check_full_attention(config, what: str) -> None:
+    """``ValueError`` naming the fix when ``config`` has sliding-window layers, which ``what`` does not support."""
+    if sliding_window_layers(config):
+        raise ValueError(
+            f"{what} runs full causal attention, and this model has sliding-window attention layers: set "
+            "sliding_window=None (or use_sliding_window=False) in the source config if the model is used within "
+            "its window"
+        )
 
 
 def flat(bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchitectureAdapter, AttentionLayout, AttentionWeights, RopeInfo, flat, new_linear
+from .base import (
+    ArchitectureAdapter,
+    AttentionLayout,
+    AttentionWeights,
+    RopeInfo,
+    flat,
+    new_linear,
+    unscaled_pairs,
+)
 
 
 def _bias(linear: nn.Linear, heads: int, head_dim: int):
@@ -28,7 +36,9 @@ def rope_info_from_config(
         rotary = adapter.rotary_embedding(model)
         if rotary is not None and hasattr(rotary, "inv_freq"):
             inv_freq = rotary.inv_freq.detach().float().clone()
-    return RopeInfo(style="half", rotary_dim=rotary_dim, inv_freq=inv_freq)
+    rope_type = params.get("rope_type", "default")
+    scaled = unscaled_pairs(config, rotary_dim)
+    return RopeInfo("half", rotary_dim, inv_freq, unscaled_pairs=scaled, rope_type=rope_type)
 
 
 class LlamaLikeAdapter(ArchitectureAdapter):
@@ -47,7 +57,12 @@ class LlamaLikeAdapter(ArchitectureAdapter):
             num_key_value_heads=kv,
             head_dim=head_dim,
             rope=rope_info_from_config(config, head_dim, model, self),
+            biases=self.attention_biases(config),
         )
+
+    def attention_biases(self, config) -> tuple[str, ...]:
+        """The projections with a bias: all four with ``attention_bias`` (Llama), none otherwise."""
+        return ("q_proj", "k_proj", "v_proj", "o_proj") if getattr(config, "attention_bias", False) else ()
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         found = [
@@ -99,6 +114,9 @@ class Qwen2Adapter(LlamaLikeAdapter):
     family = "qwen2"
     model_types = ("qwen2",)
     attention_class_names = ("Qwen2Attention",)
+
+    def attention_biases(self, config) -> tuple[str, ...]:
+        return ("q_proj", "k_proj", "v_proj")
 
 
 class Qwen3Adapter(LlamaLikeAdapter):

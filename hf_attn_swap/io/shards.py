@@ -303,7 +303,12 @@ class ShardWriter:
         it back as ``state`` to continue after a kill."""
         pending = [[name, str(dtype).removeprefix("torch."), shape] for name, dtype, shape in self.pending]
         shards = [list(names) for names in self.shards]
-        return {"shards": shards, "total": self.total, "pending": pending, "pending_bytes": self.pending_bytes}
+        return {
+            "shards": shards,
+            "total": self.total,
+            "pending": pending,
+            "pending_bytes": self.pending_bytes,
+        }
 
     def finish(self) -> list[str]:
         """Flush, give the shards their final names and write the index; returns the file names."""

@@ -9,7 +9,7 @@ activations), or layer by layer while converting (``CalibrationText`` with ``hf_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..io.text import load_token_ids, resolve_text_files, windows
+from .options import check_int, option
 
 #: where layer l's calibration inputs come from (see the module docstring)
 CALIBRATION_MODES = ("sequential", "original")
@@ -28,27 +29,18 @@ class CalibrationConfig:
     ``norm`` rope selection): which text, how much of it, and how it is cut into forwards. One set of defaults for
     ``convert_checkpoint``, ``hf-attn-swap convert``/``demo`` and the recipes."""
 
-    calibration_data: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "calibration text files or folders (MLA and demo default: the Python library reference, "
-            "disjoint from the eval text; the calibrated GQA methods need it given)",
-            "metavar": "FILE",
-        },
+    calibration_data: list[str] | None = option(
+        None,
+        "calibration text files or folders (MLA and demo default: the Python library reference, disjoint from the "
+        "eval text; the calibrated GQA methods need it given)",
+        metavar="FILE",
     )
-    calibration_tokens: int = field(
-        default=8192, metadata={"help": "calibrate on the first N tokens of the calibration text"}
-    )
-    calibration_window: int = field(
-        default=512, metadata={"help": "tokens per forward while collecting calibration activations"}
-    )
-    calibration_mode: str | None = field(
-        default=None,
-        metadata={
-            "help": "sequential: layer l is calibrated on the outputs of the already-converted layers 0..l-1; "
-            "original: on the unmodified model's activations; unset: the best measured per target (sequential "
-            "for MLA, original for GQA)"
-        },
+    calibration_tokens: int = option(8192, "calibrate on the first N tokens of the calibration text")
+    calibration_window: int = option(512, "tokens per forward while collecting calibration activations")
+    calibration_mode: str | None = option(
+        None,
+        "sequential: layer l is calibrated on the outputs of the already-converted layers 0..l-1; original: on the "
+        "unmodified model's activations; unset: the best measured per target (sequential for MLA, original for GQA)",
     )
 
     def resolved_mode(self, mla: bool) -> str:
@@ -64,9 +56,7 @@ class CalibrationConfig:
         if isinstance(self.calibration_data, (str, Path)):
             self.calibration_data = [str(self.calibration_data)]
         for name in ("calibration_tokens", "calibration_window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive number of tokens, got {value!r}")
+            check_int(name, getattr(self, name), minimum=1)
 
 
 @dataclass
@@ -197,4 +187,3 @@ def collect_calibration_from_files(
     require_calibration_files(paths)
     ids = load_token_ids(tokenizer, paths, max_tokens)
     return collect_calibration(model, ids, window=window, key_weights=key_weights)
-

@@ -1,18 +1,18 @@
 """Layer-by-layer conversion: one decoder layer in memory at a time, calibration carried from layer to layer.
 
 The one loop (``convert_layers``) behind both the in-memory API (``convert_to_mla`` / ``convert_to_gqa`` with a
-``CalibrationText``) and ``hf-attn-swap convert`` on checkpoints larger than memory. A conversion is any object
-with ``convert(l, layer, inputs, key_weights) -> layer``, ``needs_calibration``, ``uses_key_weights`` and
-``output_correction`` (``MLALayers``, ``GQALayers``). Per layer l:
+``CalibrationText``, through ``convert_model_layerwise``) and ``hf-attn-swap convert`` on checkpoints larger than
+memory. It reads decoder layers from a ``LayerSource`` (``ModelSource``: a loaded model; ``CheckpointSource``: a
+checkpoint folder, one layer's tensors at a time) and rewrites them with a ``LayerConversion`` (``MLAConversion``,
+``GQAConversion``). Per layer l:
 
-1. ``source.layer(l)``: the decoder layer (the model's own, or built on the meta device from the checkpoint's
-   tensors of that layer only: ``CheckpointLayers``);
+1. ``source.layer(l)``: the decoder layer;
 2. its attention inputs on the carried calibration hidden states h_l [windows, T, hidden] (a forward pre-hook on
    the attention, the rest of the layer skipped; with ``uses_key_weights`` one eager attention forward for the
    attention each token receives; with ``output_correction`` also the attention's outputs);
-3. ``conversion.convert(l, layer, inputs, key_weights)``: the method's per-layer math (``MLALayerConverter``,
-   ``convert_gqa_layer``), which rewrites the layer in place; with ``output_correction``, its o_proj is then
-   refitted to the source attention's outputs (``refit_output_projection``);
+3. ``conversion.convert(l, layer, inputs, key_weights)``: the method's per-layer math, which rewrites the layer in
+   place; with ``output_correction``, its o_proj is then refitted to the source attention's outputs
+   (``refit_output_projection``);
 4. h_{l+1} = layer(h_l): the converted layer in ``sequential`` mode (layer l+1 is calibrated on what the converted
    layers 0..l produce), the original one, in step 2, in ``original`` mode (the inputs ``collect_calibration``
    records, bit for bit: eager attention throughout when key weights are collected, as there);
@@ -29,15 +29,17 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
+from ..adapters import check_full_attention, get_adapter
 from ..io.shards import CheckpointReader, layer_names
 from ..io.text import windows
 from .calibration import CalibrationText
 from .device import math_device
+from .report import ConversionReport, model_dtype
 
 #: families whose decoder layers run alone here: ``layer(h, position_embeddings=rotary(h, positions))`` after a
 #: plain token embedding (Gemma scales its embeddings, BERT/GPT-2/OPT/Falcon have other layer signatures)
@@ -56,13 +58,61 @@ def check_layerwise(config) -> None:
             f"layer-by-layer conversion supports {', '.join(LAYERWISE_FAMILIES)}, not {family!r}: calibrate with "
             "the whole model instead (calibration=collect_calibration(model, token_ids))"
         )
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types) or (window is not None and family == "mistral"):
-        raise ValueError(
-            "layer-by-layer conversion runs full causal attention: this model has sliding-window layers; set "
-            "sliding_window=None in its config if it is used within its window"
-        )
+    check_full_attention(config, "layer-by-layer conversion")
+
+
+class LayerSource(Protocol):
+    """Where ``convert_layers`` reads decoder layers from (``ModelSource``, ``CheckpointSource``).
+
+    config: the source model's config; num_layers; rotary: its rotary embedding module (called as
+    ``rotary(h, positions)``); dtype / device: what the layers compute in."""
+
+    config: object
+    num_layers: int
+    rotary: nn.Module
+    dtype: torch.dtype
+    device: torch.device
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, hidden] input embeddings (layer 0's inputs)."""
+
+    def layer(self, idx: int) -> nn.Module:
+        """Decoder layer ``idx`` (the model's own, or a fresh copy built from its tensors)."""
+
+    def release(self, idx: int, layer: nn.Module) -> None:
+        """Take back layer ``idx`` once converted (a model keeps it; a checkpoint frees it)."""
+
+
+class LayerConversion(Protocol):
+    """A method applied one decoder layer at a time (``MLAConversion``, ``GQAConversion``).
+
+    needs_calibration: it needs calibration inputs; uses_key_weights: it also reads the attention each
+    calibration token receives as a key; output_correction: ``convert_layers`` refits each converted layer's
+    o_proj to the source attention's outputs."""
+
+    needs_calibration: bool
+    uses_key_weights: bool
+    output_correction: bool
+
+    def convert(
+        self, idx: int, layer: nn.Module, inputs: torch.Tensor | None, key_weights: torch.Tensor | None
+    ) -> nn.Module:
+        """Rewrite decoder ``layer`` in place (inputs [N, hidden], key_weights [N], or None) and return it."""
+
+    def records(self) -> dict:
+        """What was recorded of the layers converted so far, as JSON (a resumed run ``restore``s it)."""
+
+    def restore(self, records: dict) -> None:
+        """Take back ``records`` of an interrupted run before converting its remaining layers."""
+
+    def report(self, dtype: torch.dtype) -> ConversionReport:
+        """What the conversion did (every layer converted), KV bytes per token for ``dtype``."""
+
+    def saved_config(self):
+        """The config a folder of the converted model is saved with (every layer converted)."""
+
+    def finish_model(self, model: nn.Module) -> None:
+        """Make a loaded ``model`` whose layers were all converted consistent (config, classes, head counts)."""
 
 
 def _causal_mask(length: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -168,7 +218,11 @@ def capture_attention_inputs(
 
 @torch.no_grad()
 def refit_output_projection(
-    layer: nn.Module, stream: list[torch.Tensor], rotary: nn.Module, targets: torch.Tensor, ridge: float = 1e-3
+    layer: nn.Module,
+    stream: list[torch.Tensor],
+    rotary: nn.Module,
+    targets: torch.Tensor,
+    ridge: float = 1e-3,
 ) -> None:
     """Output correction: refit the converted layer's ``o_proj`` so that its attention reproduces ``targets``
     [N, hidden] (the source layer's attention outputs on the same windows of ``stream``), by ridge least squares:
@@ -213,8 +267,8 @@ def run_layer(layer: nn.Module, stream: list[torch.Tensor], rotary: nn.Module) -
 
 
 # -- where the layers come from ---------------------------------------------------------------------------------
-class ModelLayers:
-    """The decoder layers of a loaded model (converted in place)."""
+class ModelSource:
+    """The decoder layers of a loaded model (converted in place): a ``LayerSource``."""
 
     def __init__(self, model: nn.Module):
         check_layerwise(model.config)
@@ -235,8 +289,8 @@ class ModelLayers:
         self.model.model.layers[idx] = layer
 
 
-class CheckpointLayers:
-    """The decoder layers of a checkpoint folder, each built from its own tensors only.
+class CheckpointSource:
+    """The decoder layers of a checkpoint folder, each built from its own tensors only: a ``LayerSource``.
 
     The model is instantiated on the meta device (no memory); ``layer(l)`` materialises a copy of decoder layer
     l from the ``model.layers.<l>.*`` tensors (``CheckpointReader``), in ``dtype`` on ``device``.
@@ -329,9 +383,22 @@ def initial_stream(source, calibration: CalibrationText) -> list[torch.Tensor]:
     return [source.embed(chunk).unsqueeze(0) for chunk in windows(calibration.token_ids, calibration.window)]
 
 
+def convert_model_layerwise(
+    model: nn.Module, conversion: LayerConversion, calibration: CalibrationText
+) -> ConversionReport:
+    """Convert a loaded ``model`` in place layer by layer on ``calibration`` (``convert_layers`` over its own
+    layers); returns the conversion's report, with the calibration mode."""
+    with torch.no_grad():
+        convert_layers(ModelSource(model), conversion, calibration, lambda idx, layer, following: None)
+    conversion.finish_model(model)
+    report = conversion.report(model_dtype(model))
+    report.details["calibration_mode"] = calibration.mode
+    return report
+
+
 def convert_layers(
-    source,
-    conversion,
+    source: LayerSource,
+    conversion: LayerConversion,
     calibration: CalibrationText | None,
     on_layer: Callable[[int, nn.Module, list[torch.Tensor] | None], None],
     start: int = 0,

@@ -20,10 +20,18 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+def element_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def kv_bytes_per_token(layout: AttentionLayout, num_key_value_heads: int, dtype: torch.dtype) -> int:
-    """K and V of every layer: 2 * H_kv * head_dim * layers * bytes."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_key_value_heads * layout.head_dim * layout.num_layers * element
+    """MHA/GQA: K and V of every layer, 2 * H_kv * head_dim * layers * bytes."""
+    return 2 * num_key_value_heads * layout.head_dim * layout.num_layers * element_bytes(dtype)
+
+
+def mla_kv_bytes_per_token(ranks: list[int], qk_rope_head_dim: int, num_rope_key_heads: int, dtype) -> int:
+    """MLA: the latent and the rope keys of every layer, sum over layers of (r_l + n * d_rope) * bytes."""
+    return sum(r + num_rope_key_heads * qk_rope_head_dim for r in ranks) * element_bytes(dtype)
 
 
 @dataclass
@@ -44,6 +52,32 @@ class ConversionReport:
     after: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
     changed: bool = True
+
+    @classmethod
+    def of(
+        cls,
+        target: str,
+        method: str,
+        layout: AttentionLayout,
+        dtype: torch.dtype,
+        kv_bytes_after: int,
+        **fields,
+    ):
+        """A report of converting a model with ``layout`` (its head counts and KV bytes before, for ``dtype``);
+        ``fields``: after, details, changed."""
+        return cls(
+            target=target,
+            method=method,
+            family=layout.family,
+            num_layers=layout.num_layers,
+            num_attention_heads=layout.num_attention_heads,
+            head_dim=layout.head_dim,
+            dtype=str(dtype).removeprefix("torch."),
+            kv_bytes_per_token_before=kv_bytes_per_token(layout, layout.num_key_value_heads, dtype),
+            kv_bytes_per_token_after=kv_bytes_after,
+            before={"num_key_value_heads": layout.num_key_value_heads},
+            **fields,
+        )
 
     @property
     def kv_reduction(self) -> float:

@@ -42,6 +42,10 @@ from .compat import CACHE_KWARG, cache_kwargs, check_cache_grew, pop_cache, upda
 from .latent_cache import LatentCache
 
 MLA_MODEL_TYPE = "hf_attn_swap_mla"
+#: config fields of the Llama-style decoder that every MLA format (plugin, deepseek_v3) carries over unchanged
+DECODER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache",
+                  "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_dropout")  # fmt: skip
 #: name of the absorbed-decoding attention implementation (registered in ``hf_attn_swap.modeling.latent_attention``)
 LATENT_SDPA = "latent_sdpa"
 
@@ -81,6 +85,54 @@ class MLAConfig(LlamaConfig):
             raise ValueError(
                 f"num_rope_key_heads={self.num_rope_key_heads} must divide the {self.num_attention_heads} query heads"
             )
+
+    @classmethod
+    def from_source(
+        cls,
+        source_config,
+        kv_lora_rank: int | list[int],
+        qk_rope_head_dim: int,
+        num_rope_key_heads: int = 1,
+        rope_pairs: list[list[int]] | None = None,
+        biases: tuple[bool, bool, bool] = (False, False, False),
+    ) -> MLAConfig:
+        """The plugin config of an MLA conversion of ``source_config`` (a Llama-style config): its decoder fields,
+        rope parameters and head_dim, with one query head per expanded K/V head and the MLA fields.
+
+        Args:
+            kv_lora_rank: r for every layer, or one per layer (a list whose entries all agree becomes an int).
+            qk_rope_head_dim: rope dims per rope key (even).
+            num_rope_key_heads: rope keys per layer (1 = DeepSeek's shared key).
+            rope_pairs: per layer, the source rotary pairs kept; None for DeepSeek's uniform ladder.
+            biases: whether (q_proj, kv_a_proj_with_mqa, o_proj) have a bias.
+        """
+        shared = (*DECODER_FIELDS, "rope_parameters", "mlp_bias", "head_dim")
+        fields = {name: getattr(source_config, name) for name in shared if hasattr(source_config, name)}
+        fields["head_dim"] = (
+            fields.get("head_dim") or source_config.hidden_size // source_config.num_attention_heads
+        )
+        if isinstance(kv_lora_rank, list) and len(set(kv_lora_rank)) == 1:
+            kv_lora_rank = kv_lora_rank[0]
+        return cls(
+            **fields,
+            num_key_value_heads=source_config.num_attention_heads,
+            kv_lora_rank=kv_lora_rank,
+            qk_rope_head_dim=qk_rope_head_dim,
+            qk_nope_head_dim=fields["head_dim"],
+            v_head_dim=fields["head_dim"],
+            num_rope_key_heads=num_rope_key_heads,
+            rope_pairs=rope_pairs,
+            q_proj_bias=biases[0],
+            kv_a_proj_bias=biases[1],
+            o_proj_bias=biases[2],
+            source_model_type=source_config.model_type,
+            dtype=getattr(source_config, "dtype", None),
+        )
+
+    @property
+    def uniform_rank(self) -> bool:
+        """Whether every layer has the same latent rank."""
+        return not isinstance(self.kv_lora_rank, list) or len(set(self.kv_lora_rank)) == 1
 
     def layer_kv_lora_rank(self, layer_idx: int) -> int:
         rank = self.kv_lora_rank

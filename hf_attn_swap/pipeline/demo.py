@@ -5,14 +5,15 @@ MLA default), and evaluate them side by side with the original; writes ``WORKDIR
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..evaluate.suite import EVAL_COLUMNS, evaluate_checkpoints, markdown_table
 from ..io.folders import machine_info, write_json
 from ..methods.calibration import CalibrationConfig
-from ..methods.gqa import GQA_METHODS, GQAConfig
+from ..methods.gqa import GQA_METHODS, GQAConversionConfig
 from ..methods.mla import MLAConversionConfig
+from ..methods.options import option
 from .convert import convert_checkpoint
 from .evaluate import EvalDataConfig
 
@@ -22,26 +23,18 @@ class DemoConfig:
     """Which conversions the demo compares (its calibration text is a ``CalibrationConfig``, its held-out text an
     ``EvalDataConfig``)."""
 
-    num_key_value_heads: int = field(default=1, metadata={"help": "KV heads after conversion (1 = MQA)"})
-    method: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "one or more GQA methods to convert with and compare (default: fit; mean: the GQA paper's "
-            "baseline)",
-            "metavar": "NAME",
-            "action": "extend",  # --method a b --method c -> [a, b, c]
-        },
+    num_key_value_heads: int = option(1, "KV heads after conversion (1 = MQA)")
+    method: list[str] | None = option(
+        None,
+        "one or more GQA methods to convert with and compare (default: fit; mean: the GQA paper's baseline)",
+        metavar="NAME",
+        action="extend",  # --method a b --method c -> [a, b, c]
     )
-    mla_kv_budget: str | None = field(
-        default="0.3125",
-        metadata={
-            "help": "also convert to MLA (deepseek_v3 format) at this --kv-budget (default 0.3125 = -68.75%%); "
-            "'none' skips it"
-        },
+    mla_kv_budget: str | None = option(
+        "0.3125",
+        "also convert to MLA (deepseek_v3 format) at this --kv-budget (default 0.3125 = -68.75%%); 'none' skips it",
     )
-    workdir: str = field(
-        default="runs/demo", metadata={"help": "where the converted models and demo.json go"}
-    )
+    workdir: str = option("runs/demo", "where the converted models and demo.json go")
 
     def __post_init__(self):
         if isinstance(self.method, str):
@@ -54,7 +47,7 @@ class DemoConfig:
         unknown = [m for m in self.method if m not in GQA_METHODS]
         if unknown:
             raise ValueError(f"unknown GQA method(s) {unknown}; choose from {sorted(GQA_METHODS)}")
-        GQAConfig(self.num_key_value_heads)  # type check
+        GQAConversionConfig(self.num_key_value_heads)  # type check
 
 
 def run_demo(demo: DemoConfig, calibration: CalibrationConfig, data: EvalDataConfig) -> int:
@@ -85,7 +78,7 @@ def run_demo(demo: DemoConfig, calibration: CalibrationConfig, data: EvalDataCon
         reports[method] = convert_checkpoint(
             src,
             converted,
-            GQAConfig(kv, method),
+            GQAConversionConfig(kv, method),
             calibration_data=[str(f) for f in files] if text else None,
             calibration_tokens=calibration.calibration_tokens,
             calibration_window=calibration.calibration_window,

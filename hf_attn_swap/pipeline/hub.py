@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.folders import check_source
@@ -295,32 +296,54 @@ def _eval_table(evals: dict | None) -> str | None:
     return suite_markdown(evals)
 
 
-def push_to_hub(
-    folder: str | Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    eval_json: str | Path | None = None,
-    base_model: str | None = None,
-    commit_message: str | None = None,
-    token: str | None = None,
-    dry_run: bool = False,
-) -> dict:
-    """Upload ``folder`` to ``repo_id`` in one commit (creating the repo and ``revision`` branch if needed).
+@dataclass
+class PushArguments:
+    model: str = field(metadata={"help": "checkpoint folder (safetensors weights)"})
+    repo_id: str = field(metadata={"help": "ORG/NAME on the Hub"})
+    private: bool = field(default=False, metadata={"help": "create the repository as private"})
+    revision: str | None = field(
+        default=None, metadata={"help": "branch to commit to (created if missing; default main)"}
+    )
+    eval_json: str | None = field(
+        default=None,
+        metadata={"help": "`hf-attn-swap eval --json` output for the card (default: MODEL/eval.json)"},
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "Hub id of the original model, for the card metadata"}
+    )
+    commit_message: str | None = field(default=None, metadata={"help": "message of the upload commit"})
+    dry_run: bool = field(
+        default=False, metadata={"help": "print the file list and model card; upload nothing"}
+    )
 
-    Returns {repo_url, commit_url, revision, files, skipped}. ``dry_run`` builds the card and file list only.
+
+def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, **options) -> dict:
+    """Upload ``folder`` to ``repo_id`` in one commit (creating the repo and ``revision`` branch if needed), with
+    a generated model card unless the folder has its own README.md.
+
+    Args:
+        token: a Hugging Face token (default: the logged-in one, or ``HF_TOKEN``).
+        options: the other fields of ``PushArguments`` (private, revision, eval_json, base_model, commit_message,
+            dry_run: build the card and file list only).
+
+    Returns:
+        {repo_id, revision, files, skipped, card} and, after an upload, {repo_url, commit_url}.
     """
+    return push(PushArguments(str(folder), repo_id, **options), token)
+
+
+def push(args: PushArguments, token: str | None = None) -> dict:
+    """``push_to_hub`` with its options as one ``PushArguments`` (what ``hf-attn-swap push`` parses)."""
     import tempfile
 
     from huggingface_hub import HfApi, get_token
 
-    folder = check_source(folder).resolve()
+    folder, repo_id, revision = check_source(args.model).resolve(), args.repo_id, args.revision
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"--repo-id must look like ORG/NAME, got {repo_id!r}")
     files, skipped = files_to_upload(folder)
     has_card = (folder / CARD_FILE).is_file()
-    card = None if has_card else model_card(folder, repo_id, eval_json, base_model)
+    card = None if has_card else model_card(folder, repo_id, args.eval_json, args.base_model)
     names = [p.relative_to(folder).as_posix() for p in files] + ([] if has_card else [CARD_FILE])
     result = {
         "repo_id": repo_id,
@@ -328,7 +351,7 @@ def push_to_hub(
         "files": names,
         "skipped": [p.name for p in skipped],
     }
-    if dry_run:
+    if args.dry_run:
         return {**result, "card": card}
     token = token or get_token()
     if not token:
@@ -336,7 +359,7 @@ def push_to_hub(
             "no Hugging Face token found: run `hf auth login` or set the HF_TOKEN environment variable"
         )
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    repo_url = _create_repo(api, repo_id, private)
+    repo_url = _create_repo(api, repo_id, args.private)
     if revision and revision != "main" and not revision.startswith("refs/pr/"):  # a PR ref exists already
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     report = load_report(folder) or {}
@@ -354,7 +377,7 @@ def push_to_hub(
         commit = api.upload_folder(
             repo_id=repo_id,
             folder_path=staged,
-            commit_message=commit_message
+            commit_message=args.commit_message
             or f"Upload {report.get('target', 'model')} checkpoint with hf_attn_swap",
             revision=revision,
             ignore_patterns=list(IGNORE_PATTERNS),  # upload_folder appends its defaults to the list it gets

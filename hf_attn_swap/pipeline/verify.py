@@ -239,100 +239,124 @@ def plan(runtime: str, config: dict, vllm_backend: str = "auto") -> list[dict]:
     ]
 
 
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How ``verify_models`` compares: the prompts (default: ``DEFAULT_PROMPTS``), greedy tokens per prompt, the
+    runtime's interpreter (default: its cached venv), vLLM's backend for MLA folders, the largest |Δ log-prob|
+    a passing row may show, and a time limit per driver call (seconds, None: none)."""
+
+    prompts: list[str] | None = None
+    max_new_tokens: int = 32
+    python: str | None = None
+    vllm_backend: str = "auto"
+    logprob_tolerance: float = 1e-2
+    timeout: float | None = None
+
+
 def verify_models(
-    models: dict[str, str | Path],
-    runtime: str,
-    prompts: list[str] | None = None,
-    max_new_tokens: int = 32,
-    python: str | None = None,
-    vllm_backend: str = "auto",
-    logprob_tolerance: float = 1e-2,
-    timeout: float | None = None,
-    expected: dict[str, list[dict]] | None = None,
+    models: dict[str, str | Path], runtime: str, expected: dict[str, list[dict]] | None = None, **options
 ) -> dict:
     """Compare ``runtime`` with transformers on each folder of ``models`` (name -> folder), every folder in the
-    same driver call per backend (engine start-up is paid once). Returns {runtime, version, passed, rows,
-    notes, ...}; each row: {runtime, backend, variant, model, prompts, tokens_equal, first_divergence,
-    max_dlogprob, seconds, counts, passed, error}. ``expected``: transformers' outputs per model name, when
-    already computed (``reference``) for these prompts (a suite comparing several runtimes pays for them once)."""
+    same driver call per backend (engine start-up is paid once).
+
+    Args:
+        options: the fields of ``VerifyOptions`` (prompts, max_new_tokens, python, vllm_backend,
+            logprob_tolerance, timeout).
+        expected: transformers' outputs per model name, when already computed (``reference``) for these prompts
+            (a suite comparing several runtimes pays for them once).
+
+    Returns:
+        {runtime, version, passed, rows, notes, ...}; each row: {runtime, backend, variant, model, prompts,
+        tokens_equal, first_divergence, max_dlogprob, seconds, counts, passed, error}.
+    """
     if runtime not in RUNTIMES:
         raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    prompts = list(prompts or DEFAULT_PROMPTS)
+    opts = VerifyOptions(**options)
+    prompts = list(opts.prompts or DEFAULT_PROMPTS)
     folders = {name: check_source(path).resolve() for name, path in models.items()}
     configs = {name: json.loads((f / "config.json").read_text()) for name, f in folders.items()}
     request_models = [
         {"name": name, "path": str(f), "prompts": tokenize(f, prompts)} for name, f in folders.items()
     ]
-    python_path = runtime_python(runtime, python)
+    python_path = runtime_python(runtime, opts.python)
     if runtime == "sglang":
-        return sglang_check(request_models, configs, python_path, max_new_tokens, logprob_tolerance, timeout)
+        return sglang_check(
+            request_models, configs, python_path, opts.max_new_tokens, opts.logprob_tolerance, opts.timeout
+        )
     start = time.perf_counter()
-    expected = expected or reference(request_models, max_new_tokens)
+    expected = expected or reference(request_models, opts.max_new_tokens)
     reference_seconds = round(time.perf_counter() - start, 2)
     result = {
         "runtime": runtime,
         "prompts": prompts,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": opts.max_new_tokens,
         "rows": [],
         "notes": [],
     }
     result["reference"] = {"runtime": "transformers", "seconds": reference_seconds, **_versions()}
     calls: dict[str, list] = {}  # one driver call per backend, holding every model it applies to
     for model in request_models:
-        for step in plan(runtime, configs[model["name"]], vllm_backend):
+        for step in plan(runtime, configs[model["name"]], opts.vllm_backend):
             calls.setdefault(step["backend"], [step["options"], []])[1].append(model)
     for backend, (options, batch) in calls.items():
-        request = {"models": batch, "max_new_tokens": max_new_tokens, "options": options}
-        response = run_driver(runtime, python_path, request, timeout)
-        done = {(run["model"], run.get("variant")) for run in response["runs"]}
-        for model in batch:  # a driver that died half-way: the models it never reached are errors, not absent
-            for variant in options.get("variants") or [None]:
-                if (model["name"], variant) not in done:
-                    error = f"the driver exited with {response['returncode']} before this model"
-                    response["runs"].append({"model": model["name"], "variant": variant, "error": error})
-        result["version"] = response.get("version")
-        result["notes"] += [n for n in response.get("notes", []) if n not in result["notes"]]
-        if "rotary_bug" in response:
-            result["rotary_bug"] = response["rotary_bug"]
-        for run in response["runs"]:
-            row = {
-                "runtime": runtime,
-                "backend": backend,
-                "variant": run.get("variant") or "",
-                "model": run["model"],
-                "seconds": run.get("seconds"),
-                "error": run.get("error"),
-                # a stock run on an MLA folder only reports whether vLLM's rotary bug is still there
-                "counts": not (run.get("variant") == "unpatched" and len(options.get("variants", [])) > 1),
-            }
-            if run.get("error"):
-                row.update(prompts=len(prompts), tokens_equal=0, first_divergence=None, max_dlogprob=None)
-            else:
-                row.update(compare(expected[run["model"]], run["outputs"]))
-            row["passed"] = (
-                not row["error"]
-                and row["tokens_equal"] == row["prompts"]
-                and row["max_dlogprob"] <= logprob_tolerance
-            )
-            result["rows"].append(row)
-    bug = result.get("rotary_bug")
-    if bug is not None:
-        unpatched = [r for r in result["rows"] if not r["counts"]]
-        state = "still present" if bug["present"] else "no longer present (fixed upstream?)"
-        result["notes"].append(
-            f"vLLM {result.get('version')} CPU rotary bug (3-D non-neox query, stock kernel vs forward_native, "
-            f"max |Δ| {bug['max_abs_diff_3d_query']:.3g}): {state}"
-            + (
-                "; unpatched runs: "
-                + ", ".join(
-                    f"{r['model']}/{r['backend']} {r['tokens_equal']}/{r['prompts']}" for r in unpatched
-                )
-                if unpatched
-                else ""
-            )
-        )
+        request = {"models": batch, "max_new_tokens": opts.max_new_tokens, "options": options}
+        response = run_driver(runtime, python_path, request, opts.timeout)
+        _record_backend(result, backend, options, batch, response, expected, opts.logprob_tolerance)
+    _rotary_note(result)
     result["passed"] = all(r["passed"] for r in result["rows"] if r["counts"])
     return result
+
+
+def _record_backend(
+    result: dict, backend: str, options: dict, batch, response: dict, expected, tolerance
+) -> None:
+    """Add one driver call's runs to ``result`` (rows compared with ``expected``, version, notes)."""
+    done = {(run["model"], run.get("variant")) for run in response["runs"]}
+    for model in batch:  # a driver that died half-way: the models it never reached are errors, not absent
+        for variant in options.get("variants") or [None]:
+            if (model["name"], variant) not in done:
+                error = f"the driver exited with {response['returncode']} before this model"
+                response["runs"].append({"model": model["name"], "variant": variant, "error": error})
+    result["version"] = response.get("version")
+    result["notes"] += [n for n in response.get("notes", []) if n not in result["notes"]]
+    if "rotary_bug" in response:
+        result["rotary_bug"] = response["rotary_bug"]
+    for run in response["runs"]:
+        row = {
+            "runtime": result["runtime"],
+            "backend": backend,
+            "variant": run.get("variant") or "",
+            "model": run["model"],
+            "seconds": run.get("seconds"),
+            "error": run.get("error"),
+            # a stock run on an MLA folder only reports whether vLLM's rotary bug is still there
+            "counts": not (run.get("variant") == "unpatched" and len(options.get("variants", [])) > 1),
+        }
+        if run.get("error"):
+            row.update(
+                prompts=len(result["prompts"]), tokens_equal=0, first_divergence=None, max_dlogprob=None
+            )
+        else:
+            row.update(compare(expected[run["model"]], run["outputs"]))
+        row["passed"] = (
+            not row["error"] and row["tokens_equal"] == row["prompts"] and row["max_dlogprob"] <= tolerance
+        )
+        result["rows"].append(row)
+
+
+def _rotary_note(result: dict) -> None:
+    """The note on vLLM's CPU rotary bug, when a driver probed it."""
+    bug = result.get("rotary_bug")
+    if bug is None:
+        return
+    unpatched = [r for r in result["rows"] if not r["counts"]]
+    state = "still present" if bug["present"] else "no longer present (fixed upstream?)"
+    runs = ", ".join(f"{r['model']}/{r['backend']} {r['tokens_equal']}/{r['prompts']}" for r in unpatched)
+    result["notes"].append(
+        f"vLLM {result.get('version')} CPU rotary bug (3-D non-neox query, stock kernel vs forward_native, "
+        f"max |Δ| {bug['max_abs_diff_3d_query']:.3g}): {state}"
+        + (f"; unpatched runs: {runs}" if unpatched else "")
+    )
 
 
 def _versions() -> dict:

@@ -1,16 +1,18 @@
 """MHA/GQA -> GQA/MQA: pool K/V heads per group (``convert_to_gqa``), one module per initialisation method.
 
-Options: ``GQAConfig`` (``config``). Methods (``GQA_METHODS`` in ``registry``, ``convert_to_gqa(..., method=NAME)``):
+Options: ``GQAConversionConfig`` (``config``). ``GQAConversion`` is the method's ``LayerConversion`` (one layer at a
+time, ``hf_attn_swap.methods.layerwise``). Methods (``GQA_METHODS`` in ``registry``, ``convert_to_gqa(..., method=NAME)``):
 ``mean`` (data-free), and with calibration activations ``group`` (similarity grouping + mean), ``align``
 (Procrustes alignment + mean), ``fit`` (query/o_proj-weighted activation fit), ``group-align``, ``group-fit``. They
 work on any family whose adapter can read and write its attention (``hf_attn_swap.adapters``).
 """
 
+from ...versions import renamed_attributes
 from .alignment import AlignedMean, align_heads
 from .base import GQAMethod, LayerContext, expand_to_query_heads, permute_query_heads
-from .config import GQAConfig
+from .config import GQAConversionConfig
 from .convert import (
-    GQALayers,
+    GQAConversion,
     convert_gqa_layer,
     convert_to_gqa,
     gqa_method,
@@ -28,8 +30,8 @@ __all__ = [
     "GQA_METHODS",
     "ActivationFit",
     "AlignedMean",
-    "GQAConfig",
-    "GQALayers",
+    "GQAConversionConfig",
+    "GQAConversion",
     "GQAMethod",
     "LayerContext",
     "MeanPooling",
@@ -50,3 +52,5 @@ __all__ = [
     "register_gqa_method",
     "validate_num_key_value_heads",
 ]
+
+__getattr__ = renamed_attributes(globals())  # names of earlier releases (versions.RENAMED)

@@ -16,13 +16,11 @@ Procrustes works on Gram matrices ``E[(A_j x)(A_k x)^T] = A_j C A_k^T`` only (``
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from ...adapters import AttentionWeights
 from ..affine import split_bias, with_bias
-from .base import GQAMethod, LayerContext, expand_to_query_heads
+from .base import GQAMethod, LayerContext, expand_to_query_heads, with_new_heads
 from .mean import MeanPooling
 from .statistics import (
     commuting_pairs,
@@ -130,16 +128,7 @@ def align_heads(weights: AttentionWeights, ctx: LayerContext) -> AttentionWeight
         split_bias(t.reshape(h, d, -1), b is not None, dtype)
         for t, b in ((q, weights.q_bias), (k, weights.k_bias), (v, weights.v_bias))
     )
-    return replace(
-        weights,
-        q=q_w,
-        k=k_w,
-        v=v_w,
-        o=o.reshape(weights.o.shape).to(dtype),
-        q_bias=q_b,
-        k_bias=k_b,
-        v_bias=v_b,
-    )
+    return with_new_heads(weights, o, dtype, q=q_w, k=k_w, v=v_w, q_bias=q_b, k_bias=k_b, v_bias=v_b)
 
 
 class AlignedMean(GQAMethod):

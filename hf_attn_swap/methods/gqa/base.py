@@ -95,5 +95,13 @@ def permute_query_heads(weights: AttentionWeights, order) -> AttentionWeights:
     return replace(weights, o=weights.o[:, order], **moved)
 
 
+def with_new_heads(
+    weights: AttentionWeights, o: torch.Tensor, dtype: torch.dtype, **heads
+) -> AttentionWeights:
+    """``weights`` with the new projections ``heads`` (q, k, v and their biases) and o (any grouping of its head
+    axis, e.g. [hidden, G, s, d]) back in the source's [hidden, H, d] shape, o in ``dtype``."""
+    return replace(weights, o=o.reshape(weights.o.shape).to(dtype), **heads)
+
+
 def _map(tensor: torch.Tensor | None, fn):
     return None if tensor is None else fn(tensor)

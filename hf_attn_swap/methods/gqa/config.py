@@ -1,4 +1,4 @@
-"""``GQAConfig``: the options of a GQA/MQA conversion, validated on construction.
+"""``GQAConversionConfig``: the options of a GQA/MQA conversion, validated on construction.
 
 One set of defaults for ``convert_to_gqa``, ``convert_checkpoint(..., to="gqa")``, ``hf-attn-swap convert --to
 gqa`` and the recipes' ``convert:`` sections; ``convert_checkpoint`` saves it in ``conversion.json``
@@ -8,32 +8,27 @@ gqa`` and the recipes' ``convert:`` sections; ``convert_checkpoint`` saves it in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..options import check_int, option
 from .registry import GQA_METHODS
 
 
 @dataclass
-class GQAConfig:
+class GQAConversionConfig:
     """num_key_value_heads: KV heads after conversion (1 = MQA); it must divide the query heads and be at most
     the current KV heads, which ``convert_to_gqa`` checks against the model. method: a name in ``GQA_METHODS``."""
 
-    num_key_value_heads: int | None = field(
-        default=None,
-        metadata={"help": "KV heads after conversion (1 = MQA); must divide the query heads"},
+    num_key_value_heads: int | None = option(
+        None, "KV heads after conversion (1 = MQA); must divide the query heads"
     )
-    method: str = field(
-        default="mean",
-        metadata={
-            "help": "initialisation method: mean, group, align, fit, group-align, group-fit (all but mean "
-            "need calibration text)"
-        },
+    method: str = option(
+        "mean",
+        "initialisation method: mean, group, align, fit, group-align, group-fit (all but mean need calibration text)",
     )
 
     def __post_init__(self):
-        n = self.num_key_value_heads
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
-            raise ValueError(f"num_key_value_heads must be an int, got {n!r}")
+        check_int("num_key_value_heads", self.num_key_value_heads, optional=True)
         if self.method not in GQA_METHODS:
             raise ValueError(f"unknown GQA method {self.method!r}; choose one of {sorted(GQA_METHODS)}")
 

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from ...adapters import AttentionLayout, get_adapter
 from ..calibration import Calibration, CalibrationText
 from ..device import math_device
-from ..layerwise import ModelLayers, convert_layers
+from ..layerwise import convert_model_layerwise
+from ..options import check_int
 from ..report import ConversionReport, kv_bytes_per_token, model_dtype
 from .base import GQAMethod, LayerContext
-from .config import GQAConfig
+from .config import GQAConversionConfig
 from .registry import GQA_METHODS
 
 
 def validate_num_key_value_heads(layout: AttentionLayout, num_key_value_heads) -> int:
     """Check a target KV head count against a layout; returns it as int or raises ``ValueError``."""
     h, current = layout.num_attention_heads, layout.num_key_value_heads
-    if isinstance(num_key_value_heads, bool) or not isinstance(num_key_value_heads, int):
-        raise ValueError(f"num_key_value_heads must be an int, got {num_key_value_heads!r}")
+    check_int("num_key_value_heads", num_key_value_heads)
     valid = [n for n in range(1, current + 1) if h % n == 0]
     if num_key_value_heads < 1 or num_key_value_heads > current or h % num_key_value_heads:
         reason = (
@@ -67,30 +69,25 @@ def gqa_report(
     layout: AttentionLayout, method: GQAMethod, num_key_value_heads: int, dtype
 ) -> ConversionReport:
     """The report of converting a model with ``layout`` to ``num_key_value_heads`` KV heads."""
-    return ConversionReport(
-        target="gqa",
-        method=method.name,
-        family=layout.family,
-        num_layers=layout.num_layers,
-        num_attention_heads=layout.num_attention_heads,
-        head_dim=layout.head_dim,
-        dtype=str(dtype).removeprefix("torch."),
-        kv_bytes_per_token_before=kv_bytes_per_token(layout, layout.num_key_value_heads, dtype),
-        kv_bytes_per_token_after=kv_bytes_per_token(layout, num_key_value_heads, dtype),
-        before={"num_key_value_heads": layout.num_key_value_heads},
+    return ConversionReport.of(
+        "gqa",
+        method.name,
+        layout,
+        dtype,
+        kv_bytes_per_token(layout, num_key_value_heads, dtype),
         after={"num_key_value_heads": num_key_value_heads},
         changed=num_key_value_heads != layout.num_key_value_heads,
     )
 
 
 def gqa_method(num_key_value_heads, method) -> tuple[int, GQAMethod]:
-    """(head count, method object) from ``convert_to_gqa``'s arguments (a ``GQAConfig`` or the two values)."""
-    if isinstance(num_key_value_heads, GQAConfig):
-        if method != GQAConfig.method:
-            raise ValueError("pass the method inside the GQAConfig or as method=..., not both")
+    """(head count, method object) from ``convert_to_gqa``'s arguments (a ``GQAConversionConfig`` or the two values)."""
+    if isinstance(num_key_value_heads, GQAConversionConfig):
+        if method != GQAConversionConfig.method:
+            raise ValueError("pass the method inside the GQAConversionConfig or as method=..., not both")
         num_key_value_heads, method = num_key_value_heads.num_key_value_heads, num_key_value_heads.method
     if isinstance(method, str):  # validates the name (and a non-int head count) before the model is read
-        method = GQA_METHODS[GQAConfig(num_key_value_heads, method).method]
+        method = GQA_METHODS[GQAConversionConfig(num_key_value_heads, method).method]
     return num_key_value_heads, method
 
 
@@ -114,10 +111,12 @@ def convert_gqa_layer(
     return method.convert_layer(weights, ctx).to(dtype), ctx.cache.get("head_order")
 
 
-class GQALayers:
-    """GQA/MQA per layer (``convert_gqa_layer``)."""
+class GQAConversion:
+    """GQA/MQA of one source model with ``options``, one layer at a time (``convert_gqa_layer``): a
+    ``LayerConversion`` (``hf_attn_swap.methods.layerwise``)."""
 
-    def __init__(self, source_config, options: GQAConfig):
+    def __init__(self, source_config, options: GQAConversionConfig):
+        self.source_config = source_config
         self.adapter = get_adapter(source_config)
         self.layout = self.adapter.layout(source_config)
         self.num_key_value_heads, self.method = gqa_method(options.num_key_value_heads, options.method)
@@ -145,6 +144,17 @@ class GQALayers:
             self.head_order[idx] = order
         return layer
 
+    def saved_config(self):
+        """The source config with the new KV head count."""
+        saved = copy.deepcopy(self.source_config)
+        saved.num_key_value_heads = self.num_key_value_heads
+        return saved
+
+    def finish_model(self, model: nn.Module) -> None:
+        """Set the new KV head count on ``model``'s config and attention modules."""
+        if self.changed:
+            self.adapter.set_num_key_value_heads(model, self.num_key_value_heads)
+
     def report(self, dtype: torch.dtype) -> ConversionReport:
         report = gqa_report(self.layout, self.method, self.num_key_value_heads, dtype)
         if self.changed and self.needs_calibration:
@@ -164,14 +174,14 @@ class GQALayers:
 
 def convert_to_gqa(
     model: nn.Module,
-    num_key_value_heads: int | GQAConfig,
-    method: str | GQAMethod = GQAConfig.method,
+    num_key_value_heads: int | GQAConversionConfig,
+    method: str | GQAMethod = GQAConversionConfig.method,
     calibration: Calibration | list[torch.Tensor] | None = None,
 ) -> ConversionReport:
     """Rewrite ``model`` in place so every attention layer has ``num_key_value_heads`` K/V heads.
 
     The options are ``num_key_value_heads`` and ``method`` (a name in ``GQA_METHODS`` or a ``GQAMethod``), or
-    one ``hf_attn_swap.methods.gqa.GQAConfig`` in place of both: ``convert_to_gqa(model, GQAConfig(1, "fit"),
+    one ``hf_attn_swap.methods.gqa.GQAConversionConfig`` in place of both: ``convert_to_gqa(model, GQAConversionConfig(1, "fit"),
     calibration=...)``.
 
     Weights, biases, module attributes and ``model.config.num_key_value_heads`` are updated; for families
@@ -185,15 +195,8 @@ def convert_to_gqa(
     """
     num_key_value_heads, method = gqa_method(num_key_value_heads, method)
     if isinstance(calibration, CalibrationText):  # layer by layer, as hf-attn-swap convert streams it
-        source = ModelLayers(model)
-        layers = GQALayers(model.config, GQAConfig(num_key_value_heads, method.name))
-        with torch.no_grad():
-            convert_layers(source, layers, calibration, lambda idx, layer, following: None)
-        if layers.changed:
-            layers.adapter.set_num_key_value_heads(model, layers.num_key_value_heads)
-        report = layers.report(model_dtype(model))
-        report.details["calibration_mode"] = calibration.mode
-        return report
+        conversion = GQAConversion(model.config, GQAConversionConfig(num_key_value_heads, method.name))
+        return convert_model_layerwise(model, conversion, calibration)
     adapter = get_adapter(model)
     layout = adapter.layout(model.config, model)
     num_key_value_heads = validate_num_key_value_heads(layout, num_key_value_heads)

@@ -32,14 +32,12 @@ they were, with identity partner maps.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from ...adapters import AttentionWeights
 from ..affine import split_bias, with_bias
 from .alignment import align_heads, polar
-from .base import GQAMethod, LayerContext, expand_to_query_heads, grouped
+from .base import GQAMethod, LayerContext, expand_to_query_heads, grouped, with_new_heads
 from .mean import mean_pool
 from .statistics import (
     from_complex,
@@ -117,16 +115,7 @@ def fit_heads(weights: AttentionWeights, ctx: LayerContext) -> AttentionWeights:
     v_shared, v_maps = fit_shared_projection(v_rows, o_grams, kv_moment)
     o = torch.einsum("hgsd,gsde->hgse", o, v_maps)
     v, v_bias = split_bias(v_shared, weights.v_bias is not None, dtype)
-    return replace(
-        weights,
-        q=q,
-        k=k,
-        v=v,
-        o=o.reshape(weights.o.shape).to(dtype),
-        q_bias=q_bias,
-        k_bias=k_bias,
-        v_bias=v_bias,
-    )
+    return with_new_heads(weights, o, dtype, q=q, k=k, v=v, q_bias=q_bias, k_bias=k_bias, v_bias=v_bias)
 
 
 def _fit_keys(weights: AttentionWeights, ctx: LayerContext, moment: torch.Tensor, keys_moment: torch.Tensor):

@@ -1,4 +1,4 @@
-"""``GQA_METHODS``: the initialisation methods by name (``convert_to_gqa(..., method=NAME)``, ``GQAConfig.method``,
+"""``GQA_METHODS``: the initialisation methods by name (``convert_to_gqa(..., method=NAME)``, ``GQAConversionConfig.method``,
 ``hf-attn-swap convert --method NAME``); ``register_gqa_method`` adds one."""
 
 from __future__ import annotations

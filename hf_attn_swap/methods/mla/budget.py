@@ -2,7 +2,8 @@
 
 ``split_kv_budget``: a budget of B values per token and layer (or a fraction of the source's 2 H_kv head_dim) is
 spent as d_rope rope dims + r = B - d_rope latent dims, with d_rope the uniform-ladder size (rotary_dim / d_rope
-an integer) closest to B / 4 (ties: the larger). Measured on SmolLM2 (README, MLA results): at 120 values the
+an integer; under a rope scaling, d_rope / 2 at most the pairs it leaves unscaled) closest to B / 4 (ties: the
+larger). Measured on SmolLM2 (README, MLA results): at 120 values the
 split 88 + 32 beats 72 + 48 and 56 + 64; at 48, 32 + 16.
 
 ``uniform`` gives every layer the same rank. ``energy`` spends the same total rank (so the same KV bytes) where
@@ -34,8 +35,9 @@ def parse_kv_budget(text: str) -> float | int:
     )
 
 
-def split_kv_budget(text: str, rotary_dim: int, source_values: int) -> tuple[int, int, int]:
-    """(values, kv_lora_rank, qk_rope_head_dim) for a budget (module docstring). source_values: 2 H_kv head_dim."""
+def split_kv_budget(text: str, rope_dims: list[int], source_values: int) -> tuple[int, int, int]:
+    """(values, kv_lora_rank, qk_rope_head_dim) for a budget (module docstring). rope_dims: the ladder sizes the
+    source allows (``RopeKeyMethod.valid_rope_dims`` of ``uniform``); source_values: 2 H_kv head_dim."""
     budget = parse_kv_budget(text)
     values = round(budget * source_values) if isinstance(budget, float) else budget
     if not 2 < values < source_values:
@@ -43,9 +45,7 @@ def split_kv_budget(text: str, rotary_dim: int, source_values: int) -> tuple[int
             f"kv_budget={text} is {values} values per token and layer; it must be between 3 and "
             f"{source_values - 1} (the source caches {source_values})"
         )
-    pairs = rotary_dim // 2
-    dims = [2 * m for m in range(1, pairs + 1) if pairs % m == 0 and 2 * m < values]
-    rope = min(dims, key=lambda d: (abs(d - values / 4), -d))
+    rope = min((d for d in rope_dims if d < values), key=lambda d: (abs(d - values / 4), -d))
     return values, values - rope, rope
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-FACTORIZATIONS = ("svd", "pca")
+from ..options import check_choice
 
 
 @dataclass
@@ -56,26 +56,76 @@ class JointKV:
         return down, up_k, up_v
 
 
+class LatentFactorization:
+    """The orthonormal basis U_r of the joint K/V latent, from M [2 H_kv D, hidden] (module docstring)."""
+
+    name: str = ""
+    #: needs calibration activations (the second moment of the attention inputs)
+    needs_calibration: bool = False
+
+    def weight(self, moment: torch.Tensor | None) -> torch.Tensor | None:
+        """The input metric the energies are measured in: E[x x^T] (pca) or None (the weights alone)."""
+        return None
+
+    def basis(self, joint: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(basis [2 H_kv D, R] orthonormal columns, energy [R] descending)."""
+        raise NotImplementedError
+
+
+class SVDFactorization(LatentFactorization):
+    """Top-r left singular vectors of M: the best rank-r approximation of the weights (data-free)."""
+
+    name = "svd"
+
+    def basis(self, joint, weight):
+        basis, singular, _ = torch.linalg.svd(joint, full_matrices=False)
+        return basis, singular.square()
+
+
+class PCAFactorization(LatentFactorization):
+    """Top-r eigenvectors of M Sigma M^T: PCA of the K/V activations on calibration text."""
+
+    name = "pca"
+    needs_calibration = True
+
+    def weight(self, moment):
+        if moment is None:
+            raise ValueError(
+                "factorization='pca' needs calibration activations: pass calibration=... "
+                "(CLI: --calibration-data FILE...), or use factorization='svd'"
+            )
+        return moment
+
+    def basis(self, joint, weight):
+        values, basis = torch.linalg.eigh(joint @ weight @ joint.T)
+        rank = min(joint.shape)
+        return basis.flip(1)[:, :rank], values.flip(0).clamp_min(0)[:rank]
+
+
+#: the latent factorizations by name (``MLAConversionConfig.factorization``, ``--factorization``)
+FACTORIZATIONS: dict[str, LatentFactorization] = {f.name: f for f in (SVDFactorization(), PCAFactorization())}
+
+
+def factorization_named(name: str | LatentFactorization) -> LatentFactorization:
+    """The registered factorization ``name`` (an object passes through); ``ValueError`` listing the names."""
+    if isinstance(name, LatentFactorization):
+        return name
+    check_choice("factorization", name, FACTORIZATIONS)
+    return FACTORIZATIONS[name]
+
+
 def joint_kv(
     k_nope: torch.Tensor,
     v: torch.Tensor,
-    factorization: str = "svd",
+    factorization: str | LatentFactorization = "svd",
     moment: torch.Tensor | None = None,
     balance: bool = True,
     metrics=None,
 ) -> JointKV:
     """k_nope, v: [H_kv D, hidden] (float64). moment: E[x x^T] [hidden, hidden] (needed for ``pca``).
     metrics: ((S, S^-1), (T, T^-1)) [H_kv D, H_kv D] each, or None (module docstring)."""
-    if factorization not in FACTORIZATIONS:
-        raise ValueError(
-            f"unknown factorization {factorization!r}; choose one of {', '.join(FACTORIZATIONS)}"
-        )
-    if factorization == "pca" and moment is None:
-        raise ValueError(
-            "factorization='pca' needs calibration activations: pass calibration=... "
-            "(CLI: --calibration-data FILE...), or use factorization='svd'"
-        )
-    weight = moment if factorization == "pca" else None
+    method = factorization_named(factorization)
+    weight = method.weight(moment)
     inverses = (None, None)
     if metrics is not None:
         (s, s_inv), (t, t_inv) = metrics
@@ -90,14 +140,7 @@ def joint_kv(
         if e_k > 0 and e_v > 0:
             alpha = (e_v / e_k) ** 0.5
     joint = torch.cat([alpha * k_nope, v])
-    if weight is None:
-        basis, singular, _ = torch.linalg.svd(joint, full_matrices=False)
-        values = singular.square()
-    else:
-        values, basis = torch.linalg.eigh(joint @ weight @ joint.T)
-        values, basis = values.flip(0).clamp_min(0), basis.flip(1)
-        basis = basis[:, : min(joint.shape)]
-        values = values[: min(joint.shape)]
+    basis, values = method.basis(joint, weight)
     # singular/eigen vectors are defined up to sign, which differs between LAPACK builds and devices: make the
     # largest entry of each column positive, so the same command gives the same weights on CPU and GPU
     top = basis.abs().argmax(0, keepdim=True)

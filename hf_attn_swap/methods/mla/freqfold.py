@@ -28,13 +28,16 @@ from __future__ import annotations
 import torch
 
 from ...adapters import AttentionLayout
+from .rope import LayerStatistics, RopeKey, RopeKeyMethod, ladder_pairs, ladder_span
 
 
-def fold_ladder(layout: AttentionLayout, qk_rope_head_dim: int, fold: int | None) -> tuple[list[int], int, int]:
+def fold_ladder(
+    layout: AttentionLayout, qk_rope_head_dim: int, fold: int | None
+) -> tuple[list[int], int, int]:
     """The kept ladder pairs (uniform: 0, s, 2s, ...), the fold (None: s) and the components per window c;
     ``ValueError`` naming the valid folds when ``fold`` is not a multiple of s dividing the source's pairs."""
-    pairs, kept = layout.rope.rotary_dim // 2, qk_rope_head_dim // 2
-    if pairs % kept:
+    pairs, kept = ladder_span(layout, qk_rope_head_dim), qk_rope_head_dim // 2
+    if pairs % kept or not pairs:
         raise ValueError(
             f"rope_selection='freqfold' keeps a uniform ladder: qk_rope_head_dim={qk_rope_head_dim} must divide "
             f"the {layout.rope.rotary_dim} rotary dims evenly"
@@ -47,7 +50,38 @@ def fold_ladder(layout: AttentionLayout, qk_rope_head_dim: int, fold: int | None
             f"rope_fold={fold} is not valid with qk_rope_head_dim={qk_rope_head_dim}: choose one of {valid} "
             f"(a multiple of {step} that divides the {pairs} rotary pairs)"
         )
-    return list(range(0, pairs, step)), fold, fold // step
+    return ladder_pairs(layout, qk_rope_head_dim), fold, fold // step
+
+
+class FreqFold(RopeKeyMethod):
+    """The ``freqfold`` rope key (module docstring); options ``rope_fold`` and ``rope_fold_ladder``."""
+
+    name = "freqfold"
+    evenly_spaced = True
+
+    def check(self, layout: AttentionLayout, options) -> None:
+        super().check(layout, options)
+        fold_ladder(layout, options.qk_rope_head_dim, options.rope_fold)
+
+    def pairs(self, layout: AttentionLayout, options) -> list[int]:
+        """The ladder, or each window's first pair repeated (``rope_fold_ladder=False``)."""
+        return fold_pairs(layout, options.qk_rope_head_dim, options.rope_fold, options.rope_fold_ladder)
+
+    def build(self, q, k, layout, options, stats: LayerStatistics) -> RopeKey:
+        q_rope, key, k_nope, pairs = freqfold(
+            q, k, layout, options.qk_rope_head_dim, options.rope_fold, stats.keys, options.num_rope_key_heads,
+            options.rope_fold_ladder,
+        )  # fmt: skip
+        return RopeKey(q_rope, key, k_nope, pairs)
+
+
+def fold_pairs(
+    layout: AttentionLayout, qk_rope_head_dim: int, fold: int | None, ladder_frequencies: bool
+) -> list[int]:
+    """The source pair each rope pair turns at: the ladder, or with ``ladder_frequencies=False`` each window's
+    first pair for all c components of the window (TransMLA's FreqFold: repeated frequencies)."""
+    ladder, fold, comps = fold_ladder(layout, qk_rope_head_dim, fold)
+    return ladder if ladder_frequencies else [fold * (slot // comps) for slot in range(len(ladder))]
 
 
 def _complex_rows(w: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -79,10 +113,10 @@ def freqfold(
     first, second = index[:, 0], index[:, 1]
     heads, kv_heads = q.shape[0], k.shape[0]
     group, per_query = kv_heads // num_rope_key_heads, heads // kv_heads
-    m, windows = len(ladder), len(first) // fold
+    m, windows = len(ladder), ladder_span(layout, qk_rope_head_dim) // fold  # pairs past the span stay NoPE
     wq, wk = _complex_rows(q, first, second), _complex_rows(k, first, second)  # [H, P, cols], [H_kv, P, cols]
     sigma = moment.to(wk.dtype)
-    rep = ladder if ladder_frequencies else [fold * (slot // comps) for slot in range(m)]
+    rep = fold_pairs(layout, qk_rope_head_dim, fold, ladder_frequencies)
     device = k.device
     rope_key = torch.zeros(num_rope_key_heads, m, k.shape[-1], dtype=wk.dtype, device=device)
     q_rope = torch.zeros(heads, m, q.shape[-1], dtype=wq.dtype, device=device)
