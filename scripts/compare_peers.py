@@ -1,5 +1,6 @@
-"""Training-free MHA -> MLA on the packaged SmolLM2-135M: this project's default conversion beside the peers'
-published training-free pipelines, reimplemented here from their papers, at -50 / -68.75 / -87.5 % KV.
+"""Training-free MHA -> MLA on a packaged real model (``--model``: SmolLM2-135M, or Qwen2.5-Coder-0.5B with its q/k/v
+biases): this project's default conversion beside the peers' published training-free pipelines, reimplemented here
+from their papers, at -50 / -68.75 / -87.5 % KV (``--budgets``).
 
 Peers (reimplementations, no code of theirs):
     MHA2MLA (Ji et al. 2025): partial RoPE keeping the pairs with the largest 2-norm contribution to q.k per layer
@@ -11,13 +12,17 @@ Peers (reimplementations, no code of theirs):
 Every method gets the same split of each budget (``--kv-budget``: r + d_rope = 128 + 64, 88 + 32, 32 + 16, which are
 TransMLA's published splits) and the same calibration text (the first 8192 tokens of the Python library reference).
 Ours is ``MLAConversionConfig(kv_budget=...)`` with every default, in its default ``deepseek_v3`` format (bias-free:
-all r cached latent values are learned, and the export equals this in-memory model to fp32 rounding).
+all r cached latent values are learned, a biased source's biases folded into the weights, and the export equals this
+in-memory model to fp32 rounding); "plugin format" is the same conversion keeping the source's biases exactly.
+Models are held one budget at a time (the original is the KL reference, run once per window and budget).
 
 Held-out texts: the first 4096 tokens of the Python tutorial (4 windows of 1024) and of a text unlike the
 calibration text (default: the GNU GPL v3, /usr/share/common-licenses/GPL-3). Perplexity and KL(original ||
 converted) per token, from ``hf_attn_swap.evaluate.metrics.evaluate_models`` (the machinery of ``hf-attn-swap eval``).
 
     OMP_NUM_THREADS=2 python scripts/compare_peers.py --json runs/mla/peers.json
+    python scripts/compare_peers.py --model qwen2.5-coder --budgets 0.5 0.25 \
+        --methods "TransMLA (reimpl.)" "this project (default)" "this project (plugin format)" --json runs/mla/qwen.json
 """
 
 from __future__ import annotations
@@ -45,7 +50,12 @@ from hf_attn_swap.methods.mla import MLAConversionConfig  # noqa: E402
 from hf_attn_swap.methods.mla.convert import max_kv_lora_rank, resolve_kv_budget  # noqa: E402
 
 BUDGETS = ("0.5", "0.3125", "0.125")
-METHODS = ("MHA2MLA (reimpl.)", "TransMLA (reimpl.)", "this project (default)")
+METHODS = (
+    "MHA2MLA (reimpl.)",
+    "TransMLA (reimpl.)",
+    "this project (default)",
+    "this project (plugin format)",
+)
 
 
 @torch.no_grad()
@@ -104,13 +114,18 @@ def ours(original, split, calibration, calib_ids, window):
     return model
 
 
-BUILDERS = dict(zip(METHODS, (mha2mla, transmla, ours), strict=True))
+def ours_plugin(original, split, calibration, calib_ids, window):
+    return ours(original, replace(split, format="plugin"), calibration, calib_ids, window)
+
+
+BUILDERS = dict(zip(METHODS, (mha2mla, transmla, ours, ours_plugin), strict=True))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "qwen2.5-coder"), help="packaged model")
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS), help="--kv-budget fractions")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=METHODS)
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--other-text", default="/usr/share/common-licenses/GPL-3")
@@ -119,7 +134,7 @@ def main() -> int:
     p.add_argument("--json", default="runs/mla/peers.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    src = example_model_path("smollm2")
+    src = example_model_path(args.model)
     tokenizer = load_tokenizer(src)
     original = load_causal_lm(src, "float32")
     texts = {
@@ -131,38 +146,44 @@ def main() -> int:
     }
     calib_ids = load_token_ids(tokenizer, default_train_files(), args.calibration_tokens)
     window = 512
-    calibration = collect_attention_inputs(original, calib_ids, window=window)
-
-    models, rows = {}, []
-    for budget in args.budgets:
+    calibration = None
+    if any(m != "this project (default)" and m != "this project (plugin format)" for m in args.methods):
+        calibration = collect_attention_inputs(original, calib_ids, window=window)
+    base = {"key": "original", "method": f"original ({original.config.num_key_value_heads} KV heads)",
+            "kv_budget": "1", "split": "—",
+            "kv_values": 2 * original.config.num_key_value_heads * original.config.head_dim,
+            "kv_cache_bytes_per_token": measure_kv_cache_bytes_per_token(original, texts["tutorial"][1][:16])}  # fmt: skip
+    rows = [base]
+    for index, budget in enumerate(args.budgets):  # one budget's models in memory at a time
         split = resolve_kv_budget(original.config, MLAConversionConfig(kv_budget=budget))
+        models, budget_rows = {"original": original} if index == 0 else {}, [base] if index == 0 else []
         for method in args.methods:
             started = time.time()
             model = BUILDERS[method](original, split, calibration, calib_ids, window)
             key = f"{method} @ {budget}"
             models[key] = model
-            rows.append({
+            budget_rows.append({
                 "key": key, "method": method, "kv_budget": budget,
                 "split": f"r {split.kv_lora_rank} + d_rope {split.qk_rope_head_dim}",
                 "kv_values": split.kv_lora_rank + split.qk_rope_head_dim,
                 "kv_cache_bytes_per_token": measure_kv_cache_bytes_per_token(model, texts["tutorial"][1][:16]),
                 "convert_seconds": round(time.time() - started, 1),
             })  # fmt: skip
-            print(f"converted {key} ({rows[-1]['split']}) in {rows[-1]['convert_seconds']} s", flush=True)
-    base = {"key": "original", "method": "original (GQA, 3 KV heads)", "kv_budget": "1", "split": "—",
-            "kv_values": 2 * original.config.num_key_value_heads * original.config.head_dim,
-            "kv_cache_bytes_per_token": measure_kv_cache_bytes_per_token(original, texts["tutorial"][1][:16])}  # fmt: skip
-    rows.insert(0, base)
-    models = {"original": original, **models}
-    for text, (path, ids) in texts.items():
-        started = time.time()
-        results = evaluate_models(models, ids, window=args.window, reference=original, progress=False)
-        print(f"evaluated {len(models)} models on {path} in {time.time() - started:.0f} s", flush=True)
-        for row in rows:
-            r = results[row["key"]]
-            row[f"{text}_perplexity"] = r["perplexity"]
-            row[f"{text}_kl"] = r["kl_to_reference"]
-            row[f"{text}_top1"] = r["top1_agreement"]
+            print(
+                f"converted {key} ({budget_rows[-1]['split']}) in {budget_rows[-1]['convert_seconds']} s",
+                flush=True,
+            )
+        for text, (path, ids) in texts.items():
+            started = time.time()
+            results = evaluate_models(models, ids, window=args.window, reference=original, progress=False)
+            print(f"evaluated {len(models)} models on {path} in {time.time() - started:.0f} s", flush=True)
+            for row in budget_rows:
+                r = results[row["key"]]
+                row[f"{text}_perplexity"] = r["perplexity"]
+                row[f"{text}_kl"] = r["kl_to_reference"]
+                row[f"{text}_top1"] = r["top1_agreement"]
+        rows += [row for row in budget_rows if row is not base]
+        del models
     columns = [
         ("kv_values", "KV values / layer / token"), ("method", "method"), ("split", "split"),
         ("kv_cache_bytes_per_token", "KV bytes/token (measured, fp32)"),
@@ -178,6 +199,7 @@ def main() -> int:
             name: {"file": path, "tokens": len(ids), "window": args.window}
             for name, (path, ids) in texts.items()
         },
+        "model": args.model,
         "calibration": {"file": str(default_train_files()[0]), "tokens": len(calib_ids), "window": window},
         "command": [sys.executable, *sys.argv],
         "machine": machine_info(),

@@ -5,8 +5,10 @@ Run with ``python -m pytest -m runtimes`` after ``bash scripts/install_runtimes.
 fails the tests that need it with the install command). Models: a tiny random Llama (GQA 4 -> 2) with SmolLM2's
 tokenizer (llama.cpp needs a vocabulary it knows), its MQA and MLA conversions (plain, and padded to latent 512 +
 rope 64 for vLLM's CPU_MLA kernel), two tiny stock DeepseekV3 built by transformers itself (random weights,
-q_lora_rank null, dense, interleaved rope, no bias, untied), and the packaged SmolLM2-135M: original, MQA,
-MLA -68.75 % (default export) and MLA padded to 512 + 64. Every runtime decodes every model in one driver call per
+q_lora_rank null, dense, interleaved rope, no bias, untied), the packaged SmolLM2-135M: original, MQA,
+MLA -68.75 % (default export) and MLA padded to 512 + 64, a tiny biased Qwen2 and a tiny Llama-3-scaled Llama with
+their default MLA exports, and the first two layers of the packaged Qwen2.5-Coder-0.5B (real weights, biases,
+tokenizer): the slice itself and its MLA exports at 128 and 64 values per token and layer and padded to 512 + 64. Every runtime decodes every model in one driver call per
 backend (engine start-up is paid once); transformers' reference is computed once. The tables go to
 ``$HF_ATTN_SWAP_RUNTIMES_REPORT`` (default: pytest's base temp folder, runtimes_report.md).
 """
@@ -89,6 +91,50 @@ def tiny_deepseek(folder: Path, smollm2: Path, kv_lora_rank: int, rope_dim: int)
     return with_smollm2_tokenizer(folder, smollm2)
 
 
+def biased_tiny_qwen2(folder: Path, smollm2: Path) -> Path:
+    """A tiny Qwen2 (q/k/v biases, random and non-zero) with SmolLM2's tokenizer."""
+    model = tiny_model(
+        "qwen2", num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256, vocab_size=49152
+    )
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
+    model.save_pretrained(folder)
+    return with_smollm2_tokenizer(folder, smollm2)
+
+
+def llama3_tiny(folder: Path, smollm2: Path) -> Path:
+    """A tiny Llama with Llama-3's ``llama3`` rope scaling (theta 5e5, original length 8192: the 15 fastest of its
+    32 rotary pairs stay unscaled)."""
+    scaling = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    model = tiny_model(
+        "llama", num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256, vocab_size=49152,
+        rope_parameters=scaling, max_position_embeddings=65536,
+    )  # fmt: skip
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
+    model.save_pretrained(folder)
+    return with_smollm2_tokenizer(folder, smollm2)
+
+
+def qwen_slice(folder: Path, layers: int = 2) -> Path:
+    """The first ``layers`` decoder layers of the packaged Qwen2.5-Coder-0.5B-Instruct (real weights and biases,
+    real tokenizer, untied head): its export is checked in the engines without a 24-layer conversion."""
+    from hf_attn_swap.io.checkpoints import copy_tokenizer_files, load_causal_lm
+
+    qwen = example_model_path("qwen2.5-coder")
+    model = load_causal_lm(qwen, "float32")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    model.config.layer_types = model.config.layer_types[:layers]
+    model.save_pretrained(folder)
+    copy_tokenizer_files(qwen, folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     """name -> folder; vLLM's CPU attention takes head sizes 32, 64, 80, 96, 112, 128, ... so every tiny model's
@@ -107,15 +153,30 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "tiny-deepseek-stock": tiny_deepseek(root / "tiny-deepseek-stock", smollm2, 32, 16),
         "tiny-deepseek-stock-512+64": tiny_deepseek(root / "tiny-deepseek-stock-512", smollm2, 512, 64),
         "smollm2": smollm2,
+        "tiny-qwen2-biased": biased_tiny_qwen2(root / "tiny-qwen2-biased", smollm2),
+        "tiny-llama3": llama3_tiny(root / "tiny-llama3", smollm2),
+        "qwen-slice": qwen_slice(root / "qwen-slice"),
     }
     jobs = [
         ("tiny-mqa", tiny, "gqa", {"num_key_value_heads": 1}),
         ("tiny-mla", tiny, "mla", {"mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 32}}),
         ("tiny-mla-512+64", tiny, "mla", {"mla": {"kv_lora_rank": 32, "qk_rope_head_dim": 32, **PADDED}}),
         ("smollm2-mqa", smollm2, "gqa", {"num_key_value_heads": 1}),
-        ("smollm2-mla", smollm2, "mla", {"mla": SMOLLM2_MLA}),  # the default export (freqfold + pca, sequential calibration)
+        (
+            "smollm2-mla",
+            smollm2,
+            "mla",
+            {"mla": SMOLLM2_MLA},
+        ),  # the default export (freqfold + pca, sequential calibration)
         # padded: svd factorisation (data-free, 5x faster to convert than pca; the runtimes see the same shapes)
         ("smollm2-mla-512+64", smollm2, "mla", {"mla": {**SMOLLM2_MLA, **PADDED, "factorization": "svd"}}),
+        # biases folded into the weights, llama3 scaling on its unscaled band: both with default flags
+        ("tiny-qwen2-mla", folders["tiny-qwen2-biased"], "mla", {"mla": {"kv_budget": "0.25"}}),
+        ("tiny-llama3-mla", folders["tiny-llama3"], "mla", {"mla": {"kv_budget": "0.25"}}),
+        # Qwen2.5-Coder (real weights): -50 % and -75 % KV (128 / 64 values), and padded to 512 + 64
+        ("qwen-mla-128", folders["qwen-slice"], "mla", {"mla": {"kv_budget": "128"}}),
+        ("qwen-mla-64", folders["qwen-slice"], "mla", {"mla": {"kv_budget": "64"}}),
+        ("qwen-mla-512+64", folders["qwen-slice"], "mla", {"mla": {"kv_budget": "128", **PADDED}}),
     ]
     for name, src, to, options in jobs:
         convert_checkpoint(src, root / name, to, **options)
@@ -166,8 +227,13 @@ MLA_MODELS = [
     "tiny-deepseek-stock-512+64",
     "smollm2-mla",
     "smollm2-mla-512+64",
+    "tiny-qwen2-mla",
+    "tiny-llama3-mla",
+    "qwen-mla-128",
+    "qwen-mla-64",
+    "qwen-mla-512+64",
 ]
-KERNEL_SIZED = ["tiny-mla-512+64", "tiny-deepseek-stock-512+64", "smollm2-mla-512+64"]
+KERNEL_SIZED = ["tiny-mla-512+64", "tiny-deepseek-stock-512+64", "smollm2-mla-512+64", "qwen-mla-512+64"]
 
 
 @pytest.mark.parametrize("runtime", ["vllm", "llama.cpp", "mlx"])
