@@ -24,7 +24,7 @@ from .methods.mla import MLAConversionConfig
 from .pipeline.bench import BenchArguments, run_bench
 from .pipeline.convert import ConvertArguments, run_convert
 from .pipeline.demo import DemoConfig, run_demo
-from .pipeline.evaluate import EvalConfig, EvalDataConfig, EvalOutputs, run_eval
+from .pipeline.evaluate import EvalConfig, EvalDataConfig, EvalOutputs, LongContextConfig, run_eval
 from .pipeline.examples import ExampleModelArguments, run_example_model
 from .pipeline.push import PushArguments, run_push
 from .pipeline.train import UptrainCommandArguments, run_uptrain
@@ -68,8 +68,8 @@ COMMANDS: dict[str, Command] = {
         "other MLA options. Calibrating methods read --calibration-data.",
     ),
     "eval": Command(
-        "perplexity, KL to a reference, measured KV bytes/token, lm-eval tasks, decode speed",
-        (EvalOutputs, EvalDataConfig, EvalConfig),
+        "perplexity, KL to a reference, measured KV bytes/token, lm-eval tasks, decode speed, long context",
+        (EvalOutputs, EvalDataConfig, EvalConfig, LongContextConfig),
         run_eval,
         positional=("model",),
     ),

@@ -1,4 +1,5 @@
-"""PNG figures (matplotlib, headless): uptraining loss curves, quality vs KV budget, decode speed vs context."""
+"""PNG figures (matplotlib, headless): uptraining loss curves, quality vs KV budget, decode speed vs context,
+long-context retrieval accuracy (length x depth) and perplexity by position."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path) -> Path:
+def _save(fig, path, tight: bool = True) -> Path:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:  # False for figures made with layout="constrained" (a colorbar shared by several panels)
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
     return path
@@ -83,6 +85,49 @@ def plot_decode_speed(results: dict[str, list[dict]], path) -> Path:
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode tokens / s")
     ax.set_title("decode speed vs context")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_accuracy_heatmap(tasks: dict[str, list[dict]], path, title: str = "") -> Path:
+    """One panel per retrieval task: accuracy per (context length, needle depth) cell, annotated.
+
+    ``tasks``: task -> cells ``{"length", "depth", "accuracy"}`` (``longcontext.run_retrieval``'s ``cells``)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(1.6 + 3.6 * len(tasks), 3.8), squeeze=False, layout="constrained"
+    )
+    for ax, (task, cells) in zip(axes[0], tasks.items(), strict=True):
+        lengths = sorted({c["length"] for c in cells})
+        depths = sorted({c["depth"] for c in cells})
+        grid = [[float("nan")] * len(lengths) for _ in depths]
+        for c in cells:
+            grid[depths.index(c["depth"])][lengths.index(c["length"])] = c["accuracy"]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        for row, column in ((r, k) for r in range(len(depths)) for k in range(len(lengths))):
+            ax.text(column, row, f"{grid[row][column]:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{title} {task}".strip(), fontsize=10)
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy", shrink=0.8)
+    return _save(fig, path, tight=False)
+
+
+def plot_perplexity_by_position(results: dict[str, list[dict]], path) -> Path:
+    """Perplexity per position bucket, one line per model (``results``: name -> ``{"start", "end",
+    "perplexity"}`` buckets), drawn at each bucket's middle on a log axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, buckets in results.items():
+        points = [((b["start"] + b["end"]) / 2, b["perplexity"]) for b in buckets if b["perplexity"]]
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("position in the sequence (tokens, bucket middle)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity by position")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

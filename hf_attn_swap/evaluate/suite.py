@@ -1,9 +1,13 @@
 """Several checkpoints, one report: perplexity / KL / measured KV bytes (``evaluate_checkpoints``), lm-eval
-tasks, decode tokens/s at several context lengths; as JSON-ready dicts, a markdown table and PNG plots."""
+tasks, decode tokens/s at several context lengths, the long-context suite (``longcontext``); as JSON-ready
+dicts, a markdown table and PNG plots."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+from .longcontext import long_context_tasks, prepare_long_context, run_long_context, summary_tables
 
 #: the evaluation protocol's defaults (API, CLI and recipes): the first 16 384 tokens in 1024-token windows
 EVAL_DEFAULTS = {"max_tokens": 16384, "window": 1024}
@@ -24,25 +28,20 @@ def evaluate_suite(
     task_data=None,
     decode_contexts: list[int] | None = None,
     new_tokens: int = 32,
+    long_context=None,
 ) -> dict[str, dict]:
     """name -> metrics. Always: the ``eval`` keys (perplexity, tokens, kl_to_reference,
     kv_cache_bytes_per_token, ...). With ``tasks``: ``lm_eval`` = {task: {metric: value}}. With
-    ``decode_contexts``: ``decode`` = [{context, decode_tokens_per_second, ...}]. Each model is loaded once."""
+    ``decode_contexts``: ``decode`` = [{context, decode_tokens_per_second, ...}]. With ``long_context``
+    (``LongContextConfig``) tasks: ``long_context`` (``longcontext.run_long_context``), lengths checked and
+    prompts built before any weight loads. Each model is loaded once."""
     from ..io.checkpoints import load_tokenizer
 
+    long_inputs = prepare_long_contexts(models, long_context, data)
     loaded: dict = {}
-    results = evaluate_checkpoints(
-        models,
-        data,
-        reference,
-        max_tokens,
-        window,
-        batch_size,
-        dtype,
-        attn_implementation,
-        loaded_models=loaded,
-    )
-    if not tasks and not decode_contexts:
+    options = (max_tokens, window, batch_size, dtype, attn_implementation)
+    results = evaluate_checkpoints(models, data, reference, *options, loaded_models=loaded)
+    if not tasks and not decode_contexts and not long_inputs:
         return results
     from .speed import measure_decode_speed
     from .tasks import run_lm_eval
@@ -64,8 +63,25 @@ def evaluate_suite(
             results[name]["decode"] = [
                 measure_decode_speed(model, context, new_tokens) for context in sorted(decode_contexts)
             ]
+        if name in long_inputs:
+            results[name]["long_context"] = run_long_context(model, long_inputs[name])
         del model
     return results
+
+
+def prepare_long_contexts(models: dict[str, str], config, data) -> dict:
+    """name -> ``LongContextInputs`` (each model's own tokenizer and ``max_position_embeddings``), or {} when
+    ``config`` is None or names no task. Reads configs and tokenizers only."""
+    if config is None or not config.task:
+        return {}
+    from transformers import AutoConfig
+
+    from ..io.checkpoints import load_tokenizer
+
+    return {
+        name: prepare_long_context(load_tokenizer(path), AutoConfig.from_pretrained(path), config, data, name)
+        for name, path in models.items()
+    }
 
 
 def flat_row(name: str, result: dict) -> dict:
@@ -77,6 +93,9 @@ def flat_row(name: str, result: dict) -> dict:
                 row[f"{task} {metric}"] = value
     for speed in result.get("decode") or []:
         row[f"tok/s @{speed['context']}"] = speed["decode_tokens_per_second"]
+    for task, task_result in long_context_tasks(result).items():
+        if "accuracy" in task_result:
+            row[f"{task} acc"] = task_result["accuracy"]
     return row
 
 
@@ -87,12 +106,14 @@ def suite_markdown(results: dict[str, dict]) -> str:
     for row in rows:
         extra += [k for k in row if (" " in k and k not in extra and k not in dict(EVAL_COLUMNS))]
     columns = EVAL_COLUMNS + [(k, k) for k in extra]
-    return markdown_table(rows, columns)
+    tables = [f"{title}\n\n{markdown_table(r, c)}" for title, r, c in summary_tables(results)]
+    return "\n\n".join([markdown_table(rows, columns), *tables])
 
 
 def suite_plots(results: dict[str, dict], folder) -> list[Path]:
-    """``quality_vs_kv.png`` (perplexity and each task's first metric vs measured KV bytes/token) and,
-    when decode speed was measured, ``decode_speed.png``."""
+    """``quality_vs_kv.png`` (perplexity and each task's first metric vs measured KV bytes/token); when
+    measured, ``decode_speed.png``, ``longcontext_<model>.png`` (retrieval accuracy, length x depth, per task)
+    and ``ppl_by_position.png`` (all models)."""
     from .plots import plot_decode_speed, plot_quality_vs_kv
 
     folder = Path(folder).expanduser()
@@ -107,6 +128,24 @@ def suite_plots(results: dict[str, dict], folder) -> list[Path]:
     speeds = {name: r["decode"] for name, r in results.items() if r.get("decode")}
     if speeds:
         paths.append(plot_decode_speed(speeds, folder / "decode_speed.png"))
+    return paths + long_context_plots(results, folder)
+
+
+def long_context_plots(results: dict[str, dict], folder: Path) -> list[Path]:
+    """``longcontext_<model>.png`` per model that ran a retrieval task, ``ppl_by_position.png`` for all."""
+    from .plots import plot_accuracy_heatmap, plot_perplexity_by_position
+
+    paths, positions = [], {}
+    for name, result in results.items():
+        tasks = long_context_tasks(result)
+        cells = {task: r["cells"] for task, r in tasks.items() if "cells" in r}
+        if cells:
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+            paths.append(plot_accuracy_heatmap(cells, folder / f"longcontext_{safe}.png", title=name))
+        if "ppl-position" in tasks:
+            positions[name] = tasks["ppl-position"]["buckets"]
+    if positions:
+        paths.append(plot_perplexity_by_position(positions, folder / "ppl_by_position.png"))
     return paths
 
 

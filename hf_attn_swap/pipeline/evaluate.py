@@ -1,8 +1,9 @@
 """The ``hf-attn-swap eval`` job and the options it shares with ``demo`` and ``recipes/evaluate.py``.
 
-``EvalDataConfig`` (held-out text), ``EvalConfig`` (the rest of the suite: reference, tasks, decode speed, ...)
+``EvalDataConfig`` (held-out text), ``EvalConfig`` (the rest of the suite: reference, tasks, decode speed, ...),
+``LongContextConfig`` (``--task needle ...``: the long-context suite of ``hf_attn_swap.evaluate.longcontext``)
 and ``EvalOutputs`` (which models, where the results go) are the command's flags (``HfArgumentParser``); the first
-two and ``EvalRecipe`` are the recipe's YAML keys; ``evaluate_to_files`` runs ``hf_attn_swap.evaluate.suite.evaluate_suite`` with them.
+two and ``EvalRecipe`` are the recipe's YAML keys; ``run_suite`` runs ``hf_attn_swap.evaluate.suite.evaluate_suite`` with them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..evaluate.longcontext import LongContextConfig
 from ..evaluate.suite import EVAL_DEFAULTS, evaluate_suite, parse_model_specs, suite_markdown, suite_plots
 from ..io.folders import machine_info, write_json
 
@@ -86,7 +88,10 @@ class EvalOutputs:
     )
     plots: str | None = field(
         default=None,
-        metadata={"help": "write quality_vs_kv.png (and decode_speed.png) here", "metavar": "DIR"},
+        metadata={
+            "help": "write quality_vs_kv.png (and decode_speed.png, longcontext_<model>.png, ppl_by_position.png) here",
+            "metavar": "DIR",
+        },
     )
 
 
@@ -100,14 +105,24 @@ class EvalRecipe:
     )
 
 
-def run_suite(models: dict[str, str], data: EvalDataConfig, suite: EvalConfig) -> dict[str, dict]:
+def run_suite(
+    models: dict[str, str],
+    data: EvalDataConfig,
+    suite: EvalConfig,
+    long_context: LongContextConfig | None = None,
+) -> dict[str, dict]:
     """``evaluate_suite`` with the options above (name -> metrics)."""
-    return evaluate_suite(models, **asdict(data), **asdict(suite))
+    return evaluate_suite(models, **asdict(data), **asdict(suite), long_context=long_context)
 
 
-def run_eval(outputs: EvalOutputs, data: EvalDataConfig, suite: EvalConfig) -> int:
+def run_eval(
+    outputs: EvalOutputs,
+    data: EvalDataConfig,
+    suite: EvalConfig,
+    long_context: LongContextConfig | None = None,
+) -> int:
     """Evaluate, print the table, write the JSON (one model: its metrics also at the top level), markdown, plots."""
-    results = run_suite(parse_model_specs(outputs.model), data, suite)
+    results = run_suite(parse_model_specs(outputs.model), data, suite, long_context)
     meta = {"command": sys.argv, "machine": machine_info()}
     # one model: its metrics at the top level (the original contract); always: every model under "models"
     payload = {**next(iter(results.values())), **meta} if len(results) == 1 else dict(meta)
