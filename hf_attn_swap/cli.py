@@ -80,7 +80,7 @@ COMMANDS: dict[str, Command] = {
         positional=("model",),
     ),
     "demo": Command(
-        "main job: convert the packaged SmolLM2 to MQA and evaluate both",
+        "main job: convert a packaged model (SmolLM2; --model qwen2.5-coder) to MQA and MLA, evaluate beside the original",
         (DemoConfig, CalibrationConfig, EvalDataConfig),
         run_demo,
         aliases={"num_key_value_heads": ["--num-kv-heads"]},

@@ -302,9 +302,9 @@ def test_demo_job_runs_end_to_end(saved_tiny, tmp_path, text_file, capsys, monke
     payload = json.loads((workdir / "demo.json").read_text())
     results = payload["results"]
     mla = "MLA deepseek_v3 (r 32 + d_rope 8)"  # --kv-budget 0.3125 of 2 x 4 x 16 = 128 values: 40 = 32 + 8
-    assert set(results) == {"original (3 KV heads)", "mean-pooled (1 KV heads)", "fit-pooled (1 KV heads)", mla}
+    assert set(results) == {"original (4 KV heads)", "mean-pooled (1 KV heads)", "fit-pooled (1 KV heads)", mla}
     assert results[mla]["kv_cache_bytes_per_token"] == 2 * 40 * 4 and results[mla]["kl_to_reference"] > 0
-    original = results["original (3 KV heads)"]
+    original = results["original (4 KV heads)"]
     assert original["kl_to_reference"] == 0 and original["kv_cache_bytes_per_token"] == 2 * 2 * 4 * 16 * 4
     for name in ("mean-pooled (1 KV heads)", "fit-pooled (1 KV heads)"):
         assert (
