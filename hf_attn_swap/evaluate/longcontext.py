@@ -143,7 +143,9 @@ class LongContextConfig:
 @dataclass(frozen=True)
 class Sample:
     """One retrieval prompt. ``needle_positions``: the prompt index where each inserted statement starts (the
-    asked one first); ``prefix_tokens``: tokens before the haystack; ``haystack_tokens``: filler tokens."""
+    asked one first); ``prefix_tokens``: tokens before the haystack; ``haystack_tokens``: filler tokens;
+    ``question_tokens``: the question and answer prefix that end the prompt (``question_ids``), after the
+    ``context_ids`` (special prefix, instruction, haystack with its statements): a press compresses the context."""
 
     task: str
     length: int
@@ -155,6 +157,15 @@ class Sample:
     prefix_tokens: int
     haystack_tokens: int
     max_new_tokens: int
+    question_tokens: int
+
+    @property
+    def context_ids(self) -> tuple[int, ...]:
+        return self.input_ids[: len(self.input_ids) - self.question_tokens]
+
+    @property
+    def question_ids(self) -> tuple[int, ...]:
+        return self.input_ids[len(self.input_ids) - self.question_tokens :]
 
 
 @dataclass(frozen=True)
@@ -281,8 +292,9 @@ def build_sample(
         ids += pieces[i]
     ids += filler[cursor:] + tail
     return Sample(
-        task, length, depth, trial, tuple(ids), answers, tuple(positions), len(head), len(filler), new_tokens
-    )
+        task, length, depth, trial, tuple(ids), answers, tuple(positions), len(head), len(filler), new_tokens,
+        len(tail),
+    )  # fmt: skip
 
 
 def score_answer(task: str, output: str, answers: tuple[str, ...]) -> float:
@@ -354,20 +366,22 @@ def run_retrieval(model: nn.Module, tokenizer, samples: list[Sample], progress: 
     depth, prompt tokens, needle position, answers, generated text and score) and ``seconds``."""
     start, outputs = time.perf_counter(), []
     for sample in tqdm(samples, desc=samples[0].task if samples else "", disable=not progress):
-        text = generate_answer(model, tokenizer, sample)
-        outputs.append(
-            {
-                "length": sample.length,
-                "depth": sample.depth,
-                "trial": sample.trial,
-                "prompt_tokens": len(sample.input_ids),
-                "needle_position": sample.needle_positions[0],
-                "answers": list(sample.answers),
-                "output": text,
-                "score": score_answer(sample.task, text, sample.answers),
-            }
-        )
+        outputs.append(trial_row(sample, generate_answer(model, tokenizer, sample)))
     return {**summarise(outputs), "outputs": outputs, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def trial_row(sample: Sample, text: str) -> dict:
+    """One scored trial of ``run_retrieval``'s ``outputs``: the sample's cell, sizes, answers, ``text`` and score."""
+    return {
+        "length": sample.length,
+        "depth": sample.depth,
+        "trial": sample.trial,
+        "prompt_tokens": len(sample.input_ids),
+        "needle_position": sample.needle_positions[0],
+        "answers": list(sample.answers),
+        "output": text,
+        "score": score_answer(sample.task, text, sample.answers),
+    }
 
 
 def summarise(outputs: list[dict]) -> dict:
@@ -432,6 +446,11 @@ def run_long_context(model: nn.Module, inputs: LongContextInputs, progress: bool
     tasks = {t: run_retrieval(model, inputs.tokenizer, s, progress) for t, s in inputs.samples.items()}
     if inputs.ppl_ids is not None:
         tasks["ppl-position"] = perplexity_by_position(model, inputs.ppl_ids, inputs.config.ppl_bucket)
+    return long_context_result(inputs, tasks)
+
+
+def long_context_result(inputs: LongContextInputs, tasks: dict) -> dict:
+    """A model's suite entry: ``tasks`` (task -> results) plus the settings, data and corpus size."""
     return {
         "config": asdict(inputs.config),
         "data": inputs.files[:50],
