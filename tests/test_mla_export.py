@@ -184,17 +184,17 @@ def test_latent_sdpa_on_stock_deepseek_v3(tmp_path):
     expected = logits(stock, ids, mask)
     for _ in range(2):  # first call: expanded inputs; then the instance passes latents through
         assert close(logits(latent, ids, mask), expected, 1e-5)
-    # decode with a LatentCache; kv_b_proj is never run over the cache
+    # decode with a LatentCache; kv_b_proj runs over the prompt once (expanded prefill), never over the cache
     calls = []
     for layer in latent.model.layers:
-        layer.self_attn.kv_b_proj.register_forward_hook(lambda *args: calls.append(1))
+        layer.self_attn.kv_b_proj.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
     greedy = stock.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     cache = LatentCache(config=latent.config)
     assert torch.equal(
         latent.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **cache_kwargs(cache)),
         greedy,
     )
-    assert calls == []
+    assert calls == [torch.Size([2, 1, 12, 24])] * 2  # one per layer, the 12 prompt tokens only
     assert cache.nbytes() == 2 * (12 + 5) * (24 + 8) * 2 * 4  # (r + d_rope) per token and layer
     # nothing global changed: the class is untouched and the sdpa model's modules were never switched
     assert DeepseekV3Attention.expand_kv is stock_expand_kv

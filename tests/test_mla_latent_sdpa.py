@@ -88,17 +88,21 @@ def test_step_by_step_decode_equals_eager(variant):
 
 
 def test_decode_never_re_expands_the_cache():
-    """Absorbed decoding reads kv_b_proj's weight but never runs it over the cached latents."""
+    """latent_sdpa runs kv_b_proj over the prompt once (expanded prefill) and never over the cache when decoding."""
     model = build("shared rope key")
     calls = []
     for layer in model.model.layers:
         layer.self_attn.kv_b_proj.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
     ids, mask = padded_batch()
-    for attn, expected_calls in (("latent_sdpa", 0), ("eager", 2 * 4)):
+    expected = {
+        "latent_sdpa": [torch.Size([2, 12, 24])] * 2,  # once per layer, over the 12 prompt tokens only
+        "eager": [torch.Size([2, 12 + step, 24]) for step in range(4) for _ in range(2)],  # the whole cache each step
+    }
+    for attn in expected:
         calls.clear()
         model.set_attn_implementation(attn)
         model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-        assert len(calls) == expected_calls, attn
+        assert calls == expected[attn], attn
 
 
 def test_latent_sdpa_on_a_model_without_latent_attention_is_a_clear_error():
