@@ -26,6 +26,7 @@ from .pipeline.convert import ConvertArguments, run_convert
 from .pipeline.demo import DemoConfig, run_demo
 from .pipeline.evaluate import EvalConfig, EvalDataConfig, EvalOutputs, LongContextConfig, run_eval
 from .pipeline.examples import ExampleModelArguments, run_example_model
+from .pipeline.gguf import GGUFArguments, run_gguf
 from .pipeline.push import PushArguments, run_push
 from .pipeline.train import UptrainCommandArguments, run_uptrain
 from .pipeline.verify import VerifyArguments, run_verify
@@ -33,6 +34,19 @@ from .uptrain import UptrainConfig
 
 #: what a job may raise for bad input: exit status 2 and one line
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError)
+
+
+class OneLineErrors:
+    """Parser mixin: a usage error (a missing argument, an unknown flag, a value of the wrong type) prints one
+    line ``PROG: error: ... (`PROG --help` lists the arguments)`` and exits with status 2, like every other bad
+    input; argparse itself prints its whole usage block first."""
+
+    def error(self, message):
+        print(
+            f"{self.prog}: error: {one_line(message)} (`{self.prog} --help` lists the arguments)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,15 @@ COMMANDS: dict[str, Command] = {
         "same folder, prints the table, stores it in MODEL/verify.json (push puts it in the model card). "
         "Exit status 1 on a mismatch.",
     ),
+    "gguf": Command(
+        "write a GGUF of MODEL for llama.cpp (f32 | f16 | bf16 | q8_0 | q4_k_m), checked against transformers",
+        (GGUFArguments,),
+        run_gguf,
+        positional=("model", "out"),
+        description="llama.cpp's converter (plus the q_lora_rank key DeepSeek folders need) and its quantiser, "
+        "in the llama.cpp venv of scripts/install_runtimes.sh; the MLA export's kv_a tensors stay float32. "
+        "Prints and stores in OUT.json the greedy-token agreement and KL to transformers on the same folder.",
+    ),
 }
 
 
@@ -126,7 +149,7 @@ class _Recorder:
         self.calls.append((flags, kwargs))
 
 
-class ArgumentParser(HfArgumentParser):
+class ArgumentParser(OneLineErrors, HfArgumentParser):
     """``HfArgumentParser`` plus what it cannot express and this CLI needs (each a few lines below):
 
     - positional arguments (it makes every field an ``--option``): ``positional`` fields become ``SRC OUT`` style
@@ -170,9 +193,34 @@ class ArgumentParser(HfArgumentParser):
         parser.add_argument(*self.flag_aliases.get(field.name, []), dashed, **kwargs)
 
 
+class TopLevelParser(OneLineErrors, argparse.ArgumentParser):
+    pass
+
+
+def recipe_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The command line of a recipe script (``recipes/*.py``): ``--config YAML`` and ``key=value`` overrides,
+    usage errors in one line like the commands'."""
+    parser = TopLevelParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (recipes/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings replacing the YAML's")
+    return parser
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` with ``(default: X)`` where it tells something: not for required arguments and positionals,
+    switches, a None default, or a help text that already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        silent = action.required or not action.option_strings or action.nargs == 0
+        if silent or action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-attn-swap`` parser; ``parser.commands[NAME]`` is each sub-command's ``ArgumentParser``."""
-    parser = argparse.ArgumentParser(
+    parser = TopLevelParser(
         prog="hf-attn-swap",
         description="Attention surgery for Hugging Face transformers: convert checkpoints (MHA/GQA -> GQA/MQA or "
         "MLA), evaluate, benchmark, uptrain and publish them. `hf-attn-swap COMMAND --help` lists each command's "
@@ -189,15 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
             positional=command.positional,
             flag_aliases=command.aliases,
             exclude=command.exclude,
+            formatter_class=HelpFormatter,
         )
     return parser
 
 
 def parse(argv: list[str] | None = None) -> tuple[str, tuple]:
-    """(command, its option instances). Raises ``SystemExit`` for what argparse rejects (usage errors) and the
-    dataclasses' ``ValueError`` for invalid values."""
+    """(command, its option instances). Raises ``SystemExit`` for what argparse rejects (status 2, after one
+    line) and for ``--help`` (status 0), and the dataclasses' ``ValueError`` for invalid values."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse_args(parser, argv)
     command = COMMANDS[args.command]
     path = getattr(args, command.defaults_from, None) if command.defaults_from else None
     if path:  # the recipe's settings become the flags' defaults: flags given on the command line win
@@ -207,7 +256,7 @@ def parse(argv: list[str] | None = None) -> tuple[str, tuple]:
         if unknown:
             raise ValueError(f"unknown {args.command} setting(s) {unknown} in {path}; known: {sorted(known)}")
         parser.commands[args.command].set_defaults(**settings)
-        args = parser.parse_args(argv)
+        args = _parse_args(parser, argv)
     values = vars(args)
     options = tuple(
         cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values})
@@ -216,9 +265,18 @@ def parse(argv: list[str] | None = None) -> tuple[str, tuple]:
     return args.command, options
 
 
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, with unknown arguments reported by the command's parser (its name and --help)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    name = next((a for a in argv if a in COMMANDS), "")
+    name = next((a for a in argv if not a.startswith("-")), "")  # the command is the first positional
+    name = name if name in COMMANDS else ""
 
     def run() -> int:
         command, options = parse(argv)
@@ -233,8 +291,14 @@ def run_script(prog: str, job: Callable[[], int]) -> int:
     try:
         return job()
     except USER_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def one_line(err: BaseException | str) -> str:
+    """The message of ``err`` on one line (a value with a newline, a library's multi-line message)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or (type(err).__name__ if isinstance(err, BaseException) else "")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ the options of ``hf-attn-swap eval`` with the same defaults (``hf_attn_swap.pipe
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -27,40 +26,40 @@ SUITE_KEYS = tuple(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hf_attn_swap.cli import recipe_parser
     from hf_attn_swap.evaluate.suite import suite_markdown, suite_plots
-    from hf_attn_swap.io.folders import machine_info, write_json
+    from hf_attn_swap.io.folders import atomic_write_text, check_output_folder, machine_info, write_json
     from hf_attn_swap.io.recipes import load_recipe_yaml, parse_settings, resolve_source
     from hf_attn_swap.pipeline.evaluate import run_suite
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", required=True, help="YAML config")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = recipe_parser("recipes/evaluate.py", __doc__).parse_args(argv)
     config = load_recipe_yaml(args.config, args.overrides, required=("models",))
     recipe, data, suite = parse_settings(
         config, (EvalRecipe, EvalDataConfig, EvalConfig), Path(args.config).name
     )
+    output = check_output_folder(recipe.output, "output")
+    missing = [f"{n} ({p})" for n, p in recipe.models.items() if not _is_example(p) and not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"missing checkpoints: {', '.join(missing)} (convert/uptrain them first)")
     models = {name: str(resolve_source(path)) for name, path in recipe.models.items()}
     if suite.reference:
         suite = dataclasses.replace(suite, reference=str(resolve_source(suite.reference)))
-    missing = [f"{n} ({p})" for n, p in models.items() if not Path(p).exists()]
-    if missing:
-        raise SystemExit(f"missing checkpoints: {', '.join(missing)} (convert/uptrain them first)")
     results = run_suite(models, data, suite)
-    output = Path(recipe.output).expanduser()
     table = suite_markdown(results)
     print(table)
     write_json(
         output / "eval.json",
         {"models": results, "config": config, "command": sys.argv, "machine": machine_info()},
     )
-    (output / "eval.md").write_text(f"{table}\n\nCommand: `{' '.join(sys.argv)}`\n")
+    atomic_write_text(output / "eval.md", f"{table}\n\nCommand: `{' '.join(sys.argv)}`\n")
     for path in suite_plots(results, output):
         print(f"wrote {path}")
     print(f"wrote {output / 'eval.json'} and {output / 'eval.md'}")
     return 0
+
+
+def _is_example(path: str) -> bool:
+    return str(path).startswith("example:")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,25 @@ def test_converted_model_equals_stock_model_with_repeated_kv_heads(name):
     torch.testing.assert_close(outputs(converted, x), outputs(reference, x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_eager_output_attentions_are_the_stock_models_with_repeated_kv_heads(name):
+    """``output_attentions=True`` on a model converted in place returns each layer's attention probabilities
+    (it returned None: transformers finds the modules to record by the model's class, switched in place)."""
+    original = make(name, "eager")
+    converted = copy.deepcopy(original)
+    convert_to_gqa(converted, 2)
+    reference = repeated_kv_reference(original, converted)
+    x = ids()
+    with torch.no_grad():
+        got = converted(input_ids=x, output_attentions=True).attentions
+        expected = reference(input_ids=x, output_attentions=True).attentions
+    assert got is not None and len(got) == len(expected) == converted.config.num_hidden_layers
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == (2, 4, 12, 12)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.sum(-1), torch.ones_like(a[..., 0]))
+
+
 class ReversedHeadsMean(GQAMethod):
     """Mean pooling after reversing the order of all heads (q, k, v and o's columns consistently): the same
     function, so a method that permutes query heads must still convert tied heads exactly."""

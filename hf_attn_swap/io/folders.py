@@ -57,7 +57,9 @@ def check_source(src: str | Path) -> Path:
 
 
 def check_config_json(file: Path) -> None:
-    """``config.json`` must parse as a JSON object (transformers raises a bare OSError traceback otherwise)."""
+    """``config.json`` must parse as a JSON object (transformers raises a bare OSError traceback otherwise), name a
+    ``model_type`` transformers knows (or hf_attn_swap registered, or remote code in ``auto_map``) and load as
+    that config: a field of the wrong type fails here, naming the file, not half-way through a command."""
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -69,6 +71,26 @@ def check_config_json(file: Path) -> None:
         raise ValueError(
             f"{str(file)!r} holds a JSON {type(config).__name__}, not a config object: restore it"
         )
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING and "auto_map" not in config:
+        import transformers
+
+        raise ValueError(
+            f"{str(file)!r} has model_type {model_type!r}, which transformers {transformers.__version__} does not "
+            "know: fix config.json, or install the transformers version the checkpoint was saved with"
+        )
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        try:
+            AutoConfig.from_pretrained(file.parent)
+        except Exception as err:  # noqa: BLE001 - whatever the config class objects to, it is this file
+            why = " ".join(str(err).split())[:300] or type(err).__name__
+            raise ValueError(
+                f"{str(file)!r} does not load as a {model_type} config ({why}): restore it from "
+                "the original checkpoint or re-save the model with save_pretrained"
+            ) from None
 
 
 def check_safetensors_files(folder: Path) -> None:
@@ -89,8 +111,40 @@ def check_safetensors_files(folder: Path) -> None:
 
 def overlaps(a: str | Path, b: str | Path) -> bool:
     """Whether two folders are the same or one lies inside the other (after resolving links)."""
-    a, b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+    # os.path.realpath: a link loop resolves as far as it goes (Path.resolve raises RuntimeError on one)
+    a, b = (Path(os.path.realpath(Path(p).expanduser())) for p in (a, b))
     return a == b or a in b.parents or b in a.parents
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """A file a command will write (``--json OUT``, ...), checked before any work: not a folder or another
+    non-file, and no part of its parent path an existing file. Returns the path."""
+    path = Path(path).expanduser()
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty: name a file")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{flag} {str(path)!r} exists and is not a file: name a file")
+    _check_parents(path, flag)
+    return path
+
+
+def check_output_folder(path: str | Path, flag: str) -> Path:
+    """A folder a command will write files into (``--plots DIR``, ...): absent or a folder. Returns the path."""
+    path = Path(path).expanduser()
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty: name a folder")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} exists and is not a folder: name a folder")
+    _check_parents(path, flag)
+    return path
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is not a folder")
+            return
 
 
 def check_output(out: str | Path, src: str | Path | None = None, overwrite: bool = False) -> Path:
@@ -105,6 +159,9 @@ def check_output(out: str | Path, src: str | Path | None = None, overwrite: bool
         raise FileExistsError(f"output {str(out)!r} already exists: pass --overwrite or choose another OUT")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {str(out)!r} exists and is not a folder")
+    if out.is_symlink() and not out.exists() and not overwrite:
+        raise FileExistsError(f"output {str(out)!r} is a broken link: remove it or choose another OUT")
+    _check_parents(out, "output")
     return out
 
 
@@ -132,15 +189,16 @@ def atomic_output_dir(
     try:
         yield tmp
         add_top_level_rope_theta(tmp)
+        fsync_tree(tmp)  # the files are on disk before the folder holding them is published
         if out.exists():
             if not overwrite:
                 raise FileExistsError(f"output {str(out)!r} appeared while writing; not replacing it")
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
-            os.replace(tmp, out)
+            durable_replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out)
+            durable_replace(tmp, out)
     except BaseException as err:
         if resume_key is None or isinstance(err, Exception) or not any(tmp.iterdir()):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -187,11 +245,49 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Put ``folder``'s entries on disk (``os.fsync`` of the folder opened read-only), so a rename into it
+    survives a crash; a no-op where the platform cannot open or sync a folder (Windows, some filesystems)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def durable_replace(src: str | Path, dst: str | Path) -> None:
+    """``os.replace(src, dst)``, then ``dst``'s folder synced (``fsync_dir``): a published rename is durable.
+    Every rename that publishes output goes through here."""
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Sync every regular file and folder under ``folder`` (links are not followed), the folder last."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        for name in dirs:
+            fsync_dir(os.path.join(root, name))
+    fsync_dir(folder)
 
 
 def write_json(path: str | Path, payload) -> Path:

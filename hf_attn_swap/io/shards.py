@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .folders import durable_replace
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -292,7 +294,7 @@ class ShardWriter:
             shutil.copyfileobj(f, out, 16 * 2**20)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
         data.unlink()
         self.shards.append([name for name, _, _ in self.pending])
         self.total += self.pending_bytes
@@ -321,7 +323,7 @@ class ShardWriter:
         )
         weight_map = {}
         for i, (tensors, final) in enumerate(zip(self.shards, names, strict=True)):
-            os.replace(self.folder / self._name(i), self.folder / final)
+            durable_replace(self.folder / self._name(i), self.folder / final)
             weight_map.update(dict.fromkeys(tensors, final))
         if count > 1:
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -235,6 +235,18 @@ def use_grouped_model_classes(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) in GROUPED_MODEL_CLASSES:
             module.__class__ = GROUPED_MODEL_CLASSES[type(module)]
+            register_output_capture(module)
+
+
+def register_output_capture(model: nn.Module) -> None:
+    """What ``PreTrainedModel.__init__`` does for a new class: transformers finds the submodules whose outputs
+    ``output_attentions`` / ``output_hidden_states`` return through a registry keyed by the model's class, so a
+    model switched to a plugin class in place would return ``attentions=None`` without this."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers without the registry records outputs another way
+        return
+    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
 
 
 def grouped_model_classes(

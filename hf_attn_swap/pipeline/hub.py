@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io.folders import check_source
+from ..io.recipes import coerce_fields
 from ..methods.report import load_report
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -171,15 +172,31 @@ def _stock_model_type(model_type: str | None) -> bool:
 def _load_eval(folder: Path, eval_json: str | Path | None) -> dict | None:
     path = Path(eval_json).expanduser() if eval_json else folder / EVAL_FILE
     if eval_json and not path.is_file():
-        raise FileNotFoundError(f"eval JSON {str(path)!r} does not exist")
+        raise FileNotFoundError(f"eval JSON {str(path)!r} does not exist or is not a file")
     if not path.is_file():
         return None
-    payload = json.loads(path.read_text())
-    if "models" in payload:
+    payload = _read_json(path, "an `hf-attn-swap eval --json` file")
+    if isinstance(payload.get("models"), dict) and all(
+        isinstance(r, dict) for r in payload["models"].values()
+    ):
         return payload["models"]
     if "perplexity" in payload:
         return {Path(str(payload.get("model", folder.name))).name: payload}
-    raise ValueError(f"{path} is not an `hf-attn-swap eval --json` file (no 'models' or 'perplexity')")
+    raise ValueError(
+        f"{path} is not an `hf-attn-swap eval --json` file (no 'models' mapping or 'perplexity'): pass the "
+        "file eval --json wrote"
+    )
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; ``ValueError`` naming the file when it is not one."""
+    try:
+        payload = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not {what} (not JSON: {err}): fix or remove it") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{str(path)!r} is not {what} (a JSON {type(payload).__name__}): fix or remove it")
+    return payload
 
 
 def _eval_results(evals: dict | None, folder: Path) -> list:
@@ -190,7 +207,9 @@ def _eval_results(evals: dict | None, folder: Path) -> list:
     if not evals:
         return []
     own = [
-        r for r in evals.values() if r.get("model") and Path(str(r["model"])).resolve() == folder.resolve()
+        r
+        for r in evals.values()
+        if r.get("model") and os.path.realpath(str(r["model"])) == os.path.realpath(folder)
     ]
     own = own or (list(evals.values()) if len(evals) == 1 else [])
     if not own:
@@ -284,7 +303,9 @@ def _serving(folder: Path) -> list[tuple[str, list[str]]]:
     path = folder / VERIFY_FILE
     if not path.is_file():
         return []
-    runtimes = json.loads(path.read_text()).get("runtimes") or {}
+    runtimes = _read_json(path, "a verify JSON").get("runtimes") or {}
+    if not isinstance(runtimes, dict) or not all(isinstance(r, dict) for r in runtimes.values()):
+        raise ValueError(f"{str(path)!r} is not a verify JSON (no runtimes mapping): fix or remove it")
     return [(verify_table(result), result.get("notes") or []) for result in runtimes.values()]
 
 
@@ -315,6 +336,9 @@ class PushArguments:
     dry_run: bool = field(
         default=False, metadata={"help": "print the file list and model card; upload nothing"}
     )
+
+    def __post_init__(self):
+        coerce_fields(self)
 
 
 def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, **options) -> dict:

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..io.folders import cache_dir, check_source, write_json
+from ..io.folders import cache_dir, check_output_file, check_source, write_json
+from ..io.recipes import coerce_fields
 
 RUNTIMES = ("transformers", "vllm", "sglang", "llama.cpp", "mlx")
 DRIVERS = Path(__file__).with_name("drivers")
@@ -89,6 +90,7 @@ class VerifyArguments:
     no_save: bool = field(default=False, metadata={"help": "print the table only; write no JSON"})
 
     def __post_init__(self):
+        coerce_fields(self)
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not self.logprob_tolerance >= 0:
@@ -106,7 +108,9 @@ def runtime_python(runtime: str, python: str | None = None) -> Path:
     if python:
         path = Path(python).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"--python {python!r} does not exist")
+            raise FileNotFoundError(f"--python {python!r} does not exist or is not a file")
+        if not os.access(path, os.X_OK):
+            raise ValueError(f"--python {python!r} is not executable: name a Python interpreter")
         return path
     if runtime == "transformers":
         return Path(sys.executable)
@@ -123,8 +127,14 @@ def load_prompts(file: str | None) -> list[str]:
         return list(DEFAULT_PROMPTS)
     path = Path(file).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"--prompts file {file!r} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise FileNotFoundError(f"--prompts file {file!r} does not exist or is not a file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"--prompts file {file!r} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"--prompts file {file!r} has no non-empty line")
     return prompts
@@ -164,9 +174,11 @@ def reference(models: list[dict], max_new_tokens: int) -> dict[str, list[dict]]:
     return {m["name"]: greedy(m["path"], m["prompts"], max_new_tokens) for m in models}
 
 
-def run_driver(runtime: str, python: Path, request: dict, timeout: float | None = None) -> dict:
-    """Run ``runtime``'s driver under ``python`` on ``request``; its response (``RuntimeError`` with the tail of
-    its log when it wrote none)."""
+def run_driver(
+    runtime: str, python: Path, request: dict, timeout: float | None = None, driver: str | None = None
+) -> dict:
+    """Run ``runtime``'s driver (or the script ``driver`` of ``drivers/``, in that runtime's interpreter) under
+    ``python`` on ``request``; its response (``RuntimeError`` with the tail of its log when it wrote none)."""
     with tempfile.TemporaryDirectory(prefix="hf_attn_swap_verify_") as tmp:
         req, resp, log = Path(tmp) / "request.json", Path(tmp) / "response.json", Path(tmp) / "driver.log"
         req.write_text(json.dumps(request))
@@ -175,7 +187,7 @@ def run_driver(runtime: str, python: Path, request: dict, timeout: float | None 
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         with open(log, "w") as out:
             proc = subprocess.run(
-                [str(python), str(DRIVERS / DRIVER_FILES[runtime]), str(req), str(resp)],
+                [str(python), str(DRIVERS / (driver or DRIVER_FILES[runtime])), str(req), str(resp)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=tmp,
@@ -438,13 +450,35 @@ def verify_table(result: dict) -> str:
 
 def save_result(path: Path, result: dict) -> Path:
     """Merge ``result`` into the verify JSON at ``path`` (one entry per runtime, the latest run wins)."""
-    payload = json.loads(path.read_text()) if path.is_file() else {}
+    payload = saved_results(path)
     payload.setdefault("runtimes", {})[result["runtime"]] = result
     return write_json(path, payload)
 
 
+def saved_results(path: Path) -> dict:
+    """The verify JSON at ``path`` ({} when absent), checked before a run so that storing its table cannot fail
+    after the work: ``ValueError`` for a file that is not one (not a file, not JSON, no ``runtimes`` mapping)."""
+    path = check_output_file(path, "the verify JSON")
+    if not path.is_file():
+        return {}
+    try:
+        payload = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{str(path)!r} is not a verify JSON ({err}): remove it or pass --json elsewhere"
+        ) from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("runtimes", {}), dict):
+        raise ValueError(
+            f"{str(path)!r} is not a verify JSON (no runtimes mapping): remove it or pass --json elsewhere"
+        )
+    return payload
+
+
 def run_verify(args: VerifyArguments) -> int:
     folder = check_source(args.model)
+    target = Path(args.json).expanduser() if args.json else folder / VERIFY_FILE
+    if not args.no_save:
+        saved_results(target)  # storing the table must not fail after the run
     result = verify_models(
         {folder.name: folder},
         args.runtime,
@@ -458,7 +492,7 @@ def run_verify(args: VerifyArguments) -> int:
     for note in result["notes"]:
         print(f"note: {note}")
     if not args.no_save:
-        path = save_result(Path(args.json).expanduser() if args.json else folder / VERIFY_FILE, result)
+        path = save_result(target, result)
         print(f"saved {path}")
     print("verify: " + ("PASSED" if result["passed"] else "FAILED"))
     return 0 if result["passed"] else 1

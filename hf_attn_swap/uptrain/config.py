@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io.recipes import load_recipe_yaml, parse_settings
+from ..io.recipes import coerce_fields, load_recipe_yaml, parse_settings
 
 #: fields that may differ between a run and its resumption (everything else must match the checkpoints)
 NOT_PART_OF_RUN = (
@@ -36,7 +35,8 @@ class UptrainConfig:
     holds fewer tokens than the budget.
 
     The fields are ``hf-attn-swap uptrain``'s flags (``HfArgumentParser``) and the recipes' YAML keys
-    (``from_yaml``); YAML strings such as ``1e-3`` become numbers here.
+    (``from_yaml``); YAML strings such as ``1e-3`` become numbers here, and a value of the wrong type is a
+    one-line ``ValueError`` (``io.recipes.coerce_fields``). The ranges are checked by ``uptrain.run.check_settings``.
     """
 
     model: str | None = field(
@@ -105,21 +105,15 @@ class UptrainConfig:
     convert: dict | None = field(
         default=None,
         metadata={
-            "help": "recipes: how to build MODEL when it does not exist yet (convert_checkpoint arguments)"
+            "help": "recipes and --config: how to build MODEL when it does not exist yet (source: FOLDER or "
+            "example:NAME, plus convert_checkpoint arguments)"
         },
     )
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value, kinds = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
-            if isinstance(value, str) and (int in kinds or float in kinds):  # YAML reads "1e-3" as a string
-                try:
-                    setattr(self, f.name, float(value) if float in kinds else int(value))
-                except ValueError:
-                    raise ValueError(f"{f.name} must be a number, got {value!r}") from None
-            elif isinstance(value, (str, Path)) and any(typing.get_origin(k) is list for k in kinds):
-                setattr(self, f.name, [str(value)])
+        coerce_fields(
+            self
+        )  # YAML reads "1e-3" as a string; a list[int] or a dict where a number goes fails here
 
     def run_identity(self) -> dict:
         """The fields a resumed run must share with the run that wrote the checkpoints."""

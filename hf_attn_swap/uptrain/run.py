@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -59,7 +60,7 @@ def _normalised(config: UptrainConfig) -> UptrainConfig:
     """Absolute paths, so a resumed run is recognised whatever the working directory."""
 
     def absolute(p):
-        return None if p is None else str(Path(p).expanduser().resolve())
+        return None if p is None else os.path.realpath(Path(p).expanduser())  # no RuntimeError on a link loop
 
     return dataclasses.replace(
         config,
@@ -72,9 +73,9 @@ def _normalised(config: UptrainConfig) -> UptrainConfig:
     )
 
 
-def validate(config: UptrainConfig) -> tuple[Objective, Path, Path, Path | None, list[Path]]:
-    """All checks that need no model: mode, budget, paths, data. Returns (objective, model, output,
-    teacher, data files). Nothing is written."""
+def check_settings(config: UptrainConfig) -> tuple[Objective, list[Path]]:
+    """Every check that reads neither checkpoint: mode, budget, ranges, output and checkpoint paths, data
+    files. Returns (objective, data files). A recipe runs it before its ``convert:`` section builds MODEL."""
     if not config.model or not config.output:
         raise ValueError("uptrain needs a MODEL folder and an OUT folder")
     if config.mode not in MODES:
@@ -82,19 +83,55 @@ def validate(config: UptrainConfig) -> tuple[Objective, Path, Path, Path | None,
     objective = MODES[config.mode]()
     steps_for_budget(config.max_tokens, 1)  # budget must be a positive int
     for key in ("block_size", "batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
-        if int(getattr(config, key)) < 1:
+        if getattr(config, key) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(config, key)}")
+    for key, in_range, what in RANGES:
+        value = getattr(config, key)
+        if value is not None and not in_range(value):
+            raise ValueError(f"{key} {what}, got {value}")
     if config.trainable not in (None, "attention", "all"):
         raise ValueError(f"trainable must be 'attention' or 'all', got {config.trainable!r}")
     if objective.default_trainable == "attention" and config.trainable not in (None, "attention"):
         raise ValueError(
             f"{config.mode} trains the attention layers only: leave trainable unset or 'attention'"
         )
-    if not 0 <= config.warmup_ratio < 1:
-        raise ValueError(f"warmup_ratio is a fraction of the steps in [0, 1), got {config.warmup_ratio}")
+    output = check_output(config.output, src=config.model, overwrite=config.overwrite)
+    checkpoints = config.checkpoint_path()
+    if overlaps(checkpoints, config.model):
+        raise ValueError(f"the checkpoint folder must not overlap the model checkpoint {config.model!r}")
+    if overlaps(checkpoints, output):
+        raise ValueError("the checkpoint folder must not be inside OUTPUT (OUTPUT is written in one step)")
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise ValueError(f"checkpoint folder {str(checkpoints)!r} exists and is not a folder")
+    files = resolve_text_files(config.data or default_train_files())
+    if config.eval_tokens:
+        resolve_text_files(config.eval_data or default_eval_files())
+    return objective, files
+
+
+#: (setting, whether a value is in range, the range in words) checked by ``check_settings`` (None: the default)
+RANGES = (
+    ("learning_rate", lambda v: v > 0, "must be positive"),
+    ("warmup_ratio", lambda v: 0 <= v < 1, "is a fraction of the steps in [0, 1)"),
+    ("weight_decay", lambda v: v >= 0, "must be at least 0"),
+    ("max_grad_norm", lambda v: v >= 0, "must be at least 0 (0: no clipping)"),
+    ("lora_r", lambda v: v >= 1, "must be at least 1"),
+    ("lora_alpha", lambda v: v > 0, "must be positive"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "is a probability in [0, 1)"),
+    ("kl_temperature", lambda v: v > 0, "must be positive"),
+    ("ce_weight", lambda v: v >= 0, "must be at least 0"),
+    ("eval_tokens", lambda v: v == 0 or v >= 2, "must be 0 (off) or at least 2"),
+    ("eval_window", lambda v: v >= 2, "must be at least 2 tokens"),
+)
+
+
+def validate(config: UptrainConfig) -> tuple[Objective, Path, Path, Path | None, list[Path]]:
+    """All checks that need no model: ``check_settings``, then the checkpoints (MODEL and the teacher) are
+    real folders that do not overlap the outputs. Returns (objective, model, output, teacher, data files).
+    Nothing is written."""
+    objective, files = check_settings(config)
     model = check_source(config.model)
     output = check_output(config.output, src=model, overwrite=config.overwrite)
-    files = resolve_text_files(config.data or default_train_files())
     teacher = resolve_teacher(config.teacher, model, config.mode) if objective.needs_teacher else None
     checkpoints = config.checkpoint_path()
     for name, path in (("model", model), ("teacher", teacher)):
@@ -102,12 +139,6 @@ def validate(config: UptrainConfig) -> tuple[Objective, Path, Path, Path | None,
             raise ValueError(
                 f"output/checkpoint folders must not overlap the {name} checkpoint {str(path)!r}"
             )
-    if overlaps(checkpoints, output):
-        raise ValueError("the checkpoint folder must not be inside OUTPUT (OUTPUT is written in one step)")
-    if config.eval_tokens and config.eval_tokens < 2:
-        raise ValueError(f"eval_tokens must be 0 (off) or at least 2, got {config.eval_tokens}")
-    if config.eval_tokens:
-        resolve_text_files(config.eval_data or default_eval_files())
     return objective, model, output, teacher, files
 
 

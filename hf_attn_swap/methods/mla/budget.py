@@ -14,6 +14,8 @@ fraction of K/V energy kept (a sum of concave functions), subject to min_rank <=
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 RANK_ALLOCATIONS = ("uniform", "energy")
@@ -24,6 +26,8 @@ def parse_kv_budget(text: str) -> float | int:
     try:
         value = float(text)
     except (TypeError, ValueError):
+        value = None
+    if value is not None and not math.isfinite(value):
         value = None
     if value is not None and 0 < value < 1:
         return value
