@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hf_attn_swap
 
 from hf_attn_swap import convert_to_mla  # noqa: E402
+from hf_attn_swap.adapters import get_adapter  # noqa: E402
 from hf_attn_swap.evaluate.metrics import evaluate_models, measure_kv_cache_bytes_per_token  # noqa: E402
 from hf_attn_swap.evaluate.suite import markdown_table  # noqa: E402
 from hf_attn_swap.io.checkpoints import load_causal_lm, load_tokenizer  # noqa: E402
@@ -89,14 +90,16 @@ def mha2mla(original, split, calibration, calib_ids, window):
     return model
 
 
+def head_dim(model) -> int:
+    return get_adapter(model).layout(model.config).head_dim
+
+
 def transmla(original, split, calibration, calib_ids, window):
-    step = original.config.head_dim // split.qk_rope_head_dim
+    step = head_dim(original) // split.qk_rope_head_dim
     options = replace(
-        split, rope_selection="freqfold", rope_fold=min(2 * step, original.config.head_dim // 2),
+        split, rope_selection="freqfold", rope_fold=min(2 * step, head_dim(original) // 2),
         rope_fold_ladder=False, factorization="pca", balance_kv=True, format="plugin",
     )  # fmt: skip
-    from hf_attn_swap.adapters import get_adapter
-
     # RoPE reduced, full rank: the model whose activations the PCA is fitted on
     full = copy.deepcopy(original)
     convert_to_mla(full, replace(options, kv_lora_rank=max_kv_lora_rank(get_adapter(original).layout(original.config))),
@@ -151,7 +154,7 @@ def main() -> int:
         calibration = collect_attention_inputs(original, calib_ids, window=window)
     base = {"key": "original", "method": f"original ({original.config.num_key_value_heads} KV heads)",
             "kv_budget": "1", "split": "—",
-            "kv_values": 2 * original.config.num_key_value_heads * original.config.head_dim,
+            "kv_values": 2 * original.config.num_key_value_heads * head_dim(original),
             "kv_cache_bytes_per_token": measure_kv_cache_bytes_per_token(original, texts["tutorial"][1][:16])}  # fmt: skip
     rows = [base]
     for index, budget in enumerate(args.budgets):  # one budget's models in memory at a time
