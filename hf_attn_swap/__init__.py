@@ -1,8 +1,8 @@
 """hf_attn_swap: attention surgery for Hugging Face transformers.
 
 ``import hf_attn_swap`` checks the transformers version and registers the package's model classes (Auto classes),
-the ``latent_sdpa`` attention implementation and its mask function. The package map is in the README
-(Architecture); the names below are the public API.
+the ``latent_sdpa`` attention implementation and its mask function. The package map is in the documentation
+(docs/design/architecture.md); the names below are the public API.
 """
 
 from .versions import check_transformers_version
