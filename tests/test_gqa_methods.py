@@ -377,7 +377,7 @@ def test_every_method_reloads_in_stock_transformers(saved_tiny, text_file, tmp_p
             uses_key_weights = method in ("fit", "group-fit")
             assert report.details["key_weights"] == ("attention received" if uses_key_weights else None)
         with torch.no_grad():
-            expected[str(out)] = load_causal_lm(out, attn_implementation="eager")(ids).logits
+            expected[str(out)] = load_causal_lm(out, attn_implementation="eager").double()(ids).logits
         outs.append(str(out))
     torch.save(ids, tmp_path / "ids.pt")
     script = tmp_path / "stock_loader.py"
@@ -390,7 +390,7 @@ def test_every_method_reloads_in_stock_transformers(saved_tiny, text_file, tmp_p
     )
     got = torch.load(tmp_path / "logits.pt")
     for folder in outs:
-        torch.testing.assert_close(got[folder], expected[folder], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[folder], expected[folder], atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("method", CALIBRATED)

@@ -287,3 +287,23 @@ def test_sliding_window_sources_are_refused():
     model = tiny_model("mistral", sliding_window=8)
     with pytest.raises(ValueError, match="sliding-window"):
         convert_to_mla(model, 8, 8)
+
+
+def test_in_place_conversion_returns_attentions_and_hidden_states_like_the_reloaded_model(tmp_path):
+    """``output_attentions`` / ``output_hidden_states`` on a model converted in place equal those of the same model
+    saved and reloaded (whose class transformers built); they returned None when the switched class was missing
+    from transformers' output-capture registry (its key changed between 5.15 and 5.25)."""
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    convert_to_mla(model, 24, 8)
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+        expected = loaded(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    assert got.attentions is not None and got.hidden_states is not None
+    assert len(got.attentions) == model.config.num_hidden_layers == len(got.hidden_states) - 1
+    for mine, theirs in zip(got.attentions + got.hidden_states, expected.attentions + expected.hidden_states):
+        assert torch.equal(mine, theirs)

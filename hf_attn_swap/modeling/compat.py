@@ -120,3 +120,16 @@ def _input_length(args, kwargs) -> int:
     if args and hasattr(args[0], "shape") and args[0].dim() >= 2:
         return int(args[0].shape[1])
     return 0
+
+
+def register_output_capture(module) -> None:
+    """What ``PreTrainedModel.__init__`` does for a new class: ``output_attentions`` / ``output_hidden_states``
+    find the submodules to record through a registry of ``_can_record_outputs`` keyed by the model's class name,
+    so a model whose class was switched in place would return ``attentions=None`` without this. transformers
+    < 5.2x keys a plain dict by ``str(cls)``; later ones key by the model and store ``str(cls)`` themselves."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers without the registry records outputs another way
+        return
+    key = str(module.__class__) if type(_CAN_RECORD_REGISTRY) is dict else module
+    _CAN_RECORD_REGISTRY[key] = module._can_record_outputs

@@ -25,7 +25,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
-from .compat import check_cache_grew, update_layer_cache
+from .compat import check_cache_grew, register_output_capture, update_layer_cache
 
 #: stock model class -> plugin model class (filled as plugin classes are defined)
 GROUPED_MODEL_CLASSES: dict[type, type] = {}
@@ -236,17 +236,6 @@ def use_grouped_model_classes(model: nn.Module) -> None:
         if type(module) in GROUPED_MODEL_CLASSES:
             module.__class__ = GROUPED_MODEL_CLASSES[type(module)]
             register_output_capture(module)
-
-
-def register_output_capture(model: nn.Module) -> None:
-    """What ``PreTrainedModel.__init__`` does for a new class: transformers finds the submodules whose outputs
-    ``output_attentions`` / ``output_hidden_states`` return through a registry keyed by the model's class, so a
-    model switched to a plugin class in place would return ``attentions=None`` without this."""
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # a transformers without the registry records outputs another way
-        return
-    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
 
 
 def grouped_model_classes(

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...adapters import AttentionLayout, UnsupportedArchitectureError, check_full_attention, get_adapter
+from ...modeling.compat import register_output_capture
 from ...modeling.mla import MLAConfig, MLADecoderLayer, MLAForCausalLM, MLAModel
 from ..calibration import Calibration, CalibrationText
 from ..device import math_device
@@ -430,15 +431,5 @@ def finish_mla_model(model: nn.Module, config: MLAConfig) -> None:
         rotary.config = config
     model.model.__class__ = MLAModel
     model.__class__ = MLAForCausalLM
-    _register_output_capture(model)
-
-
-def _register_output_capture(model: nn.Module) -> None:
-    """What ``PreTrainedModel.__init__`` does for a new class: let ``output_hidden_states`` / ``output_attentions``
-    find the MLA decoder layers and attention modules of a model whose class was switched in place."""
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # older/newer transformers: capturing keeps working for models loaded from disk
-        return
     for module in (model, model.model):
-        _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+        register_output_capture(module)
