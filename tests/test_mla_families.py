@@ -18,7 +18,14 @@ from hf_attn_swap.io.checkpoints import load_tokenizer
 from hf_attn_swap.io.text import default_train_files, load_token_ids
 from hf_attn_swap.methods.calibration import CalibrationText
 from hf_attn_swap.methods.mla import MLAConversionConfig
-from hf_attn_swap.methods.mla.biasfold import constant_direction, fold_column, value_bias
+from hf_attn_swap.methods.mla.biasfold import (
+    ROPE_BIAS_WAVELENGTH,
+    BiasFold,
+    constant_direction,
+    fold_column,
+    fold_rope_key,
+    value_bias,
+)
 from hf_attn_swap.testing import save_tiny_checkpoint, tiny_model
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -59,6 +66,28 @@ def test_fold_column_moves_the_bias_into_the_weights():
     torch.testing.assert_close(
         torch.cat([x, ones], 1) @ folded.reshape(-1, 9).T, torch.cat([x, ones], 1) @ rows.reshape(-1, 9).T
     )
+
+
+def test_rope_key_bias_folds_on_fast_components_and_is_dropped_on_slow_ones():
+    """Rope keys [n, d_rope, hidden + 1] in rotate-half order: a component whose wavelength is under
+    ROPE_BIAS_WAVELENGTH tokens folds its bias along u (exact where u.x = 1), a slower one loses it; both halves of
+    a component (dims t and t + d_rope / 2) are treated alike and no bias column is left."""
+    generator = torch.Generator().manual_seed(3)
+    key = torch.randn(2, 8, 7, generator=generator, dtype=torch.float64)  # 4 components, hidden 6
+    u = torch.zeros(6, dtype=torch.float64)
+    u[2] = 0.5
+    fold = BiasFold(query=u, key=u, residual=(0.0, 0.0))
+    wavelengths = torch.tensor([10.0, ROPE_BIAS_WAVELENGTH / 2, ROPE_BIAS_WAVELENGTH * 2, 1e6], dtype=torch.float64)
+    folded = fold_rope_key(key, fold, 2 * torch.pi / wavelengths)
+    assert torch.equal(folded[..., -1], torch.zeros_like(folded[..., -1]))
+    x = torch.randn(5, 6, generator=generator, dtype=torch.float64)
+    x[:, 2] = 2.0  # u.x = 1
+    biased = x @ key[..., :-1].transpose(-1, -2) + key[..., -1].unsqueeze(-2)  # [2, 5, 8]
+    got = x @ folded[..., :-1].transpose(-1, -2)
+    fast = torch.tensor([0, 1, 4, 5])  # components 0 and 1, both halves
+    slow = torch.tensor([2, 3, 6, 7])
+    torch.testing.assert_close(got[..., fast], biased[..., fast])
+    torch.testing.assert_close(got[..., slow], (x @ key[..., :-1].transpose(-1, -2))[..., slow])
 
 
 def test_an_o_proj_bias_moves_into_the_value_bias():

@@ -31,6 +31,13 @@ class RopeInfo:
     #: ladder theta^(-2i/rotary_dim); None: every pair (no scaling)
     unscaled_pairs: int | None = None
     rope_type: str = "default"
+    rope_theta: float | None = None
+
+    def plain_frequencies(self, pairs: list[int]) -> torch.Tensor:
+        """[len(pairs)] float64: theta^(-2p/rotary_dim), the frequencies of these pairs without rope scaling."""
+        if self.rope_theta is None:
+            raise ValueError("this layout does not know its rope_theta")
+        return self.rope_theta ** (-2 * torch.tensor(pairs, dtype=torch.float64) / self.rotary_dim)
 
     @property
     def plain_pairs(self) -> int:

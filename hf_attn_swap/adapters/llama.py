@@ -38,7 +38,11 @@ def rope_info_from_config(
             inv_freq = rotary.inv_freq.detach().float().clone()
     rope_type = params.get("rope_type", "default")
     scaled = unscaled_pairs(config, rotary_dim)
-    return RopeInfo("half", rotary_dim, inv_freq, unscaled_pairs=scaled, rope_type=rope_type)
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return RopeInfo(
+        "half", rotary_dim, inv_freq, unscaled_pairs=scaled, rope_type=rope_type,
+        rope_theta=None if theta is None else float(theta),
+    )  # fmt: skip
 
 
 class LlamaLikeAdapter(ArchitectureAdapter):

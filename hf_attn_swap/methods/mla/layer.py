@@ -23,7 +23,7 @@ from ...adapters import AttentionLayout, AttentionWeights
 from ...modeling.mla import MLAAttention, MLAConfig
 from ..affine import weighted_moment, with_bias
 from ..gqa.base import per_query_head
-from .biasfold import BiasFold, fold_column, value_bias
+from .biasfold import BiasFold, fold_column, fold_rope_key, value_bias
 from .factorize import JointKV, LatentFactorization, joint_kv
 from .registry import rope_key_method
 from .rope import LayerStatistics
@@ -106,7 +106,9 @@ def decompose_layer(
     # keys in proportion to the attention they receive (weighting.py): the rope key's and the latent's statistics
     keys = moment if rows is None else weighted_moment(rows, key_weights, options.key_weight_power)
     rope = rope_key_method(options.rope_selection).build(q, k, layout, options, LayerStatistics(rows, keys))
-    rope_key = rope.key if fold is None else fold_column(rope.key, fold.key)
+    rope_key = rope.key
+    if fold is not None:  # the rope bias of fast components folded, of slow ones dropped (``biasfold``)
+        rope_key = fold_rope_key(rope.key, fold, layout.rope.plain_frequencies(rope.pairs))
     kv = joint_kv(
         rope.k_nope[..., :hidden].reshape(kv_heads * d, hidden),
         v.reshape(kv_heads * d, hidden),
