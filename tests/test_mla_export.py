@@ -22,7 +22,7 @@ from hf_attn_swap.export.deepseek_v3 import (
     linear_regime,
     to_deepseek_v3,
 )
-from hf_attn_swap.io.folders import add_top_level_rope_theta, atomic_output_dir
+from hf_attn_swap.io.folders import add_legacy_rope_fields, atomic_output_dir
 from hf_attn_swap.modeling.compat import cache_kwargs
 from hf_attn_swap.testing import tiny_model
 
@@ -361,7 +361,7 @@ def test_cli_padded_export_reports_the_padded_cache(sources, tmp_path):
     assert (model.config.kv_lora_rank, model.config.qk_rope_head_dim) == (32, 16)
 
 
-def test_every_written_folder_has_a_top_level_rope_theta(sources, tmp_path):
+def test_every_written_folder_has_the_legacy_rope_fields(sources, tmp_path):
     """transformers v5 writes only rope_parameters; mlx-lm and older readers need rope_theta (atomic_output_dir)."""
     from hf_attn_swap.pipeline.convert import convert_checkpoint
 
@@ -375,16 +375,32 @@ def test_every_written_folder_has_a_top_level_rope_theta(sources, tmp_path):
         assert config["rope_theta"] == config["rope_parameters"]["rope_theta"], name
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name).config
         assert reloaded.rope_parameters == config["rope_parameters"]
-    # folders written before (e.g. a cached example-model): patched once, then left alone
+    # folders written before (e.g. a cached example-model): patched once, then left alone; a scaled rope also gets
+    # the legacy rope_scaling (mlx-lm reads only that), and transformers v5 reads the patched file the same
     old = tmp_path / "old"
     old.mkdir()
     (old / "config.json").write_text(
         json.dumps({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}})
     )
-    assert (
-        add_top_level_rope_theta(old) and json.loads((old / "config.json").read_text())["rope_theta"] == 5e5
-    )
-    assert not add_top_level_rope_theta(old) and not add_top_level_rope_theta(tmp_path / "missing")
+    assert add_legacy_rope_fields(old)
+    assert json.loads((old / "config.json").read_text()) == {
+        "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"},
+        "rope_theta": 5e5,
+    }
+    assert not add_legacy_rope_fields(old) and not add_legacy_rope_fields(tmp_path / "missing")
+    llama3 = tiny_model("llama", rope_parameters=dict(LLAMA3_ROPE), max_position_embeddings=65536)
+    llama3.save_pretrained(tmp_path / "llama3")
+    assert add_legacy_rope_fields(tmp_path / "llama3")
+    config = json.loads((tmp_path / "llama3" / "config.json").read_text())
+    assert config["rope_theta"] == 5e5 and config["rope_scaling"] == {
+        key: value for key, value in LLAMA3_ROPE.items() if key != "rope_theta"
+    }
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "llama3").config
+    assert reloaded.rope_parameters == llama3.config.rope_parameters
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from hf_attn_swap.io.examples import example_model_path
+from hf_attn_swap.io.folders import add_legacy_rope_fields
 from hf_attn_swap.pipeline.convert import convert_checkpoint
 from hf_attn_swap.pipeline.verify import (
     DEFAULT_PROMPTS,
@@ -44,6 +45,14 @@ TOLERANCE = 1e-3  # nats; measured engines agree to ~1e-5 in float32
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SMOLLM2_MLA = {"kv_lora_rank": 88, "qk_rope_head_dim": 32}  # -68.75 % KV, the split --kv-budget 0.3125 picks
 PADDED = {"pad_kv_lora_rank": 512, "pad_rope_dim": 64}  # vLLM CPU_MLA / FlashMLA kernel size
+
+
+def save_like_the_hub(model, folder: Path) -> Path:
+    """``save_pretrained`` plus the pre-v5 ``rope_theta`` / ``rope_scaling`` that Hub checkpoints carry and the
+    engines read (transformers v5 writes only ``rope_parameters``; mlx-lm then decodes with its defaults)."""
+    model.save_pretrained(folder)
+    add_legacy_rope_fields(folder)
+    return folder
 
 
 def with_smollm2_tokenizer(folder: Path, smollm2: Path) -> Path:
@@ -87,7 +96,7 @@ def tiny_deepseek(folder: Path, smollm2: Path, kv_lora_rank: int, rope_dim: int)
         eos_token_id=2,
         pad_token_id=2,
     )
-    DeepseekV3ForCausalLM(config).eval().save_pretrained(folder)
+    save_like_the_hub(DeepseekV3ForCausalLM(config).eval(), folder)
     return with_smollm2_tokenizer(folder, smollm2)
 
 
@@ -102,7 +111,7 @@ def biased_tiny_qwen2(folder: Path, smollm2: Path) -> Path:
             if name.endswith(".bias"):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
-    model.save_pretrained(folder)
+    save_like_the_hub(model, folder)
     return with_smollm2_tokenizer(folder, smollm2)
 
 
@@ -116,7 +125,7 @@ def llama3_tiny(folder: Path, smollm2: Path) -> Path:
         rope_parameters=scaling, max_position_embeddings=65536,
     )  # fmt: skip
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
-    model.save_pretrained(folder)
+    save_like_the_hub(model, folder)
     return with_smollm2_tokenizer(folder, smollm2)
 
 
@@ -130,7 +139,7 @@ def qwen_slice(folder: Path, layers: int = 2) -> Path:
     model.model.layers = model.model.layers[:layers]
     model.config.num_hidden_layers = layers
     model.config.layer_types = model.config.layer_types[:layers]
-    model.save_pretrained(folder)
+    save_like_the_hub(model, folder)
     copy_tokenizer_files(qwen, folder)
     return folder
 
@@ -146,7 +155,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "llama", num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256, vocab_size=49152
     )
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
-    model.save_pretrained(tiny)
+    save_like_the_hub(model, tiny)
     with_smollm2_tokenizer(tiny, smollm2)
     folders = {
         "tiny-llama-gqa2": tiny,

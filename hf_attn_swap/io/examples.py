@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .folders import add_top_level_rope_theta, atomic_output_dir, cache_dir, write_json
+from .folders import add_legacy_rope_fields, atomic_output_dir, cache_dir, write_json
 
 MARKER = "hf_attn_swap_example.json"
 
@@ -282,7 +282,7 @@ def example_model_path(name: str, refresh: bool = False) -> Path:
     example = EXAMPLES[name]
     out = cache_dir() / "models" / example.folder
     if (out / MARKER).is_file() and not refresh:
-        add_top_level_rope_theta(out)  # folders materialised before every save wrote it
+        add_legacy_rope_fields(out)  # folders materialised before every save wrote it
         return out
     paths = _part_paths(example)
     with atomic_output_dir(out, overwrite=True) as tmp:

@@ -171,7 +171,7 @@ def atomic_output_dir(
 ) -> Iterator[Path]:
     """Yield a hidden temporary folder next to ``out``; on success it is renamed to ``out`` in one step.
 
-    A ``config.json`` written there gets a top-level ``rope_theta`` (``add_top_level_rope_theta``).
+    A ``config.json`` written there gets a top-level ``rope_theta`` (``add_legacy_rope_fields``).
     On any exception (or KeyboardInterrupt) the temporary folder is deleted and ``out`` is left as it was. A
     hard kill can leave only ``.<name>.partial-*`` behind, never a half-written ``out``.
 
@@ -188,7 +188,7 @@ def atomic_output_dir(
         tmp.mkdir(exist_ok=True)
     try:
         yield tmp
-        add_top_level_rope_theta(tmp)
+        add_legacy_rope_fields(tmp)
         fsync_tree(tmp)  # the files are on disk before the folder holding them is published
         if out.exists():
             if not overwrite:
@@ -205,22 +205,30 @@ def atomic_output_dir(
         raise
 
 
-def add_top_level_rope_theta(folder: str | Path) -> bool:
-    """Copy ``rope_parameters["rope_theta"]`` of ``folder/config.json`` to a top-level ``rope_theta`` when missing.
+def add_legacy_rope_fields(folder: str | Path) -> bool:
+    """Copy ``rope_parameters`` of ``folder/config.json`` to the top-level ``rope_theta`` and (for a scaled rope)
+    ``rope_scaling`` that configs had before transformers v5, where missing.
 
     transformers v5 writes only ``rope_parameters``; older readers (mlx-lm, transformers 4, llama.cpp's converter)
-    read ``rope_theta`` and otherwise fall back to 10 000. transformers v5 still reads ``rope_parameters`` (and
-    drops the copy on load). Returns whether the file changed.
+    read ``rope_theta`` / ``rope_scaling`` and otherwise fall back to their defaults (θ 10 000 or 1 000 000, no
+    scaling): a Llama-3 or Qwen2 checkpoint would decode differently there. transformers v5 reads both forms
+    into the same ``rope_parameters``. Returns whether the file changed.
     """
     path = Path(folder) / "config.json"
     if not path.is_file():
         return False
     config = json.loads(path.read_text(encoding="utf-8"))
     params = config.get("rope_parameters")
-    if "rope_theta" in config or not isinstance(params, dict) or "rope_theta" not in params:
+    if not isinstance(params, dict):
         return False
-    config["rope_theta"] = params["rope_theta"]
-    write_json(path, config)
+    legacy = {}
+    if "rope_theta" not in config and "rope_theta" in params:
+        legacy["rope_theta"] = params["rope_theta"]
+    if config.get("rope_scaling") is None and params.get("rope_type", "default") != "default":
+        legacy["rope_scaling"] = {key: value for key, value in params.items() if key != "rope_theta"}
+    if not legacy:
+        return False
+    write_json(path, {**config, **legacy})
     return True
 
 
