@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -294,9 +296,16 @@ def _verified(engines: dict[str, list[str]] | None, model: str, name: str) -> st
 
 
 def render_peers(sources: list[Source]) -> list[str]:
-    data = sources[0].data
+    """compare_peers rows; a later source's row replaces an earlier one with the same ``key`` (a rerun of one
+    method after its code changed), new keys are added, KV values descending."""
+    data = next((s.data for s in sources if s.data), None)
     if data is None:
         return []
+    merged: dict[str, dict] = {}
+    for source in sources:
+        for row in (source.data or {}).get("rows", []):
+            merged[row.get("key", row["method"])] = row
+    ordered = sorted(merged.values(), key=lambda r: -(r.get("kv_values") or 0))
     other = Path((data.get("texts", {}).get("other") or {}).get("file", "other")).name
     columns = [
         "KV values / layer / token",
@@ -321,7 +330,7 @@ def render_peers(sources: list[Source]) -> list[str]:
             r.get("other_perplexity"),
             r.get("other_kl"),
         ]
-        for r in data.get("rows", [])
+        for r in ordered
     ]
     return markdown(columns, rows)
 
@@ -424,16 +433,22 @@ TABLES: dict[str, Table] = {
                 "(≈ 5 min on 2 CPU cores for SmolLM2)",
                 "(or `scripts/compare_peers.py --model qwen2.5-coder`'s JSON: its original and this-project rows)",
             ),
-            RUNTIMES_JSON: 'the serving-engine checks of `pytest -m runtimes` as JSON: `{"commit", "machine", '
-            '"command", "rows": [{"runtime", "model", "verdict"}]}` (model: `smollm2`, `smollm2-mqa`, '
-            "`smollm2-mla`, and the same for `qwen2.5-coder`).",
+            RUNTIMES_JSON: "`hf-attn-swap verify FOLDER --runtime vllm|llama.cpp|mlx` on the demo's output folders, "
+            "then `python3 scripts/tables.py --verified smollm2-mla=runs/demo/smollm2-mla/verify.json ...` (model "
+            "names: `smollm2`, `smollm2-mqa`, `smollm2-mla`, the same for `qwen2.5-coder`).",
         },
     ),
     "mla_qwen_peers": Table(
-        ("results/mla_qwen_peers.json",),
+        ("results/mla_qwen_peers.json", "results/mla_qwen_ours.json"),
         render_peers,
         MLA_PRODUCERS,
-        how="`python3 scripts/compare_peers.py --model qwen2.5-coder --budgets 0.5 0.25 --json runs/mla/qwen_peers.json`.",
+        how={
+            "results/mla_qwen_peers.json": "`python3 scripts/compare_peers.py --model qwen2.5-coder --budgets 0.5 "
+            "0.25 --json runs/mla/qwen_peers.json`.",
+            "results/mla_qwen_ours.json": "`python3 scripts/compare_peers.py --model qwen2.5-coder --budgets 0.5 "
+            "0.25 --methods 'this project (default)' --json runs/mla/qwen_ours.json` (its rows replace the "
+            "first JSON's).",
+        },
     ),
     "mla_smollm2_peers": Table(
         ("results/mla_smollm2_peers.json",),
@@ -552,13 +567,50 @@ def add(src: str, dest: str) -> Path:
     return dest_path
 
 
+def add_verified(pairs: list[str], dest: str = RUNTIMES_JSON) -> Path:
+    """Merge ``hf-attn-swap verify`` results into ``results/runtimes.json``: ``pairs`` are MODEL=VERIFY_JSON
+    (MODEL as the main table names it: ``smollm2-mla``, ``qwen2.5-coder-mqa``, ...); each runtime stored in that
+    verify JSON gives one row (runtime, model, verdict, tokens equal, max |Δ log-prob|), replacing an earlier row
+    of the same runtime and model."""
+    path = ROOT / dest
+    data = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    for pair in pairs:
+        model, _, file = pair.partition("=")
+        if not model or not file:
+            raise SystemExit(f"--verified takes MODEL=VERIFY_JSON, got {pair!r}")
+        runtimes = json.loads(Path(file).read_text()).get("runtimes", {})
+        for runtime, result in runtimes.items():
+            rows = [r for r in result.get("rows", []) if r.get("counts")]
+            verdict = "pass" if rows and all(r.get("passed") for r in rows) else "fail"
+            deltas = [r["max_dlogprob"] for r in rows if r.get("max_dlogprob") is not None]
+            data["rows"] = [r for r in data["rows"] if (r["runtime"], r["model"]) != (runtime, model)]
+            data["rows"].append({
+                "runtime": runtime, "version": result.get("version"), "model": model, "verdict": verdict,
+                "tokens_equal": f"{sum(r['tokens_equal'] for r in rows)}/{sum(r['prompts'] for r in rows)}",
+                "max_dlogprob": max(deltas) if deltas else None, "folder": str(Path(file).parent),
+            })  # fmt: skip
+    data["commit"] = git("rev-parse", "HEAD")
+    data["command"] = "hf-attn-swap verify FOLDER --runtime R, per folder and runtime; " + command_text(
+        ["scripts/tables.py", "--verified", *pairs]
+    )
+    data["machine"] = {"platform": platform.platform(), "processor": platform.machine(),
+                       "cpu_count": os.cpu_count()}  # fmt: skip
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a table differs")
     parser.add_argument(
         "--add", nargs=2, metavar=("RUN_JSON", "RESULTS_JSON"), help="copy a run's JSON to results/"
     )
+    parser.add_argument(
+        "--verified", nargs="+", metavar="MODEL=VERIFY_JSON", help=f"merge verify results into {RUNTIMES_JSON}"
+    )
     args = parser.parse_args(argv)
+    if args.verified:
+        print(f"wrote {add_verified(args.verified)}")
     if args.add:
         print(f"wrote {add(*args.add)}")
     if args.check:

@@ -100,3 +100,39 @@ def test_a_table_is_stale_when_its_producer_changed_after_the_json(tmp_path, mon
     assert tables.freshness(source, ("bench.py",)).startswith("> **Stale**")
     unknown = tables.Source("results/x.json", {"machine": {}, "command": []})
     assert "unknown" in tables.freshness(unknown, ("bench.py",))
+
+
+def test_verify_results_become_engine_rows_and_peer_reruns_replace_rows(tmp_path, monkeypatch):
+    """--verified: one row per runtime of a verify JSON, pass only when every compared row passed, a rerun
+    replaces the row; the main table then names the engines that passed. render_peers: a later JSON's row with
+    the same key replaces the earlier one."""
+    tables = load_tables()
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    (tmp_path / "results").mkdir()
+
+    def row(passed, delta):
+        return {"counts": True, "passed": passed, "tokens_equal": 3 if passed else 1, "prompts": 3,
+                "max_dlogprob": delta}  # fmt: skip
+
+    verify = tmp_path / "verify.json"
+    verify.write_text(json.dumps({"runtimes": {
+        "vllm": {"version": "0.1", "rows": [row(True, 1e-5), {"counts": False, "passed": False}]},
+        "mlx": {"version": "0.2", "rows": [row(True, 2e-5), row(False, 0.5)]},
+    }}))  # fmt: skip
+    tables.add_verified([f"m-mla={verify}"])
+    data = json.loads((tmp_path / tables.RUNTIMES_JSON).read_text())
+    assert {(r["runtime"], r["verdict"], r["tokens_equal"]) for r in data["rows"]} == {
+        ("vllm", "pass", "3/3"), ("mlx", "fail", "4/6")
+    }
+    verify.write_text(json.dumps({"runtimes": {"mlx": {"rows": [row(True, 1e-5)]}}}))
+    tables.add_verified([f"m-mla={verify}"])
+    engines = tables._engines(tables.load(tables.RUNTIMES_JSON))
+    assert engines == {"m-mla": ["vllm", "mlx"]}
+    assert tables._verified(engines, "m", "this project (default)") == "vllm, mlx"
+    with pytest.raises(SystemExit):
+        tables.add_verified(["no-equals-sign"])
+    first = {"rows": [{"key": "a", "method": "a", "kv_values": 2, "tutorial_perplexity": 5.0},
+                      {"key": "b", "method": "b", "kv_values": 1, "tutorial_perplexity": 9.0}]}  # fmt: skip
+    second = {"rows": [{"key": "b", "method": "b", "kv_values": 1, "tutorial_perplexity": 7.0}]}
+    lines = tables.render_peers([tables.Source("x", first), tables.Source("y", second)])
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["a", "b"] and "| 7 |" in lines[3]
