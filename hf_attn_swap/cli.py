@@ -88,10 +88,16 @@ COMMANDS: dict[str, Command] = {
         positional=("model",),
     ),
     "bench": Command(
-        "decode tokens/s at a given context, cache bytes and peak RSS",
+        "served speed and memory: prefill / decode tokens/s, engine KV bytes, sequences per KV budget, roofline",
         (BenchArguments,),
         run_bench,
-        positional=("model",),
+        positional=("models",),
+        description="Every MODEL in one engine (--runtime transformers | llama.cpp | vllm | mlx, run in its venv "
+        "of scripts/install_runtimes.sh) at each --context: prefill and decode tokens/s, the engine's own KV-cache "
+        "bytes per token checked against the GQA / MLA-latent / MLA-expanded formulas, the sequences or context a "
+        "--kv-budget-mib holds, and each decode figure against this machine's roofline (bandwidth and GEMM "
+        "measured here); ratios to the first MODEL. --random-weights SHAPE --layers N builds a random model of a "
+        "real shape and its MLA exports (--mla, --kv-budget) first.",
     ),
     "demo": Command(
         "main job: convert a packaged model (SmolLM2; --model qwen2.5-coder) to MQA and MLA, evaluate beside the original",

@@ -6,6 +6,13 @@ as ``hf_attn_swap.evaluate.speed`` defines it); rounds are interleaved and the b
 
     python scripts/bench_decode.py --json runs/mla/bench.json
 
+With --prefill it measures prompt tokens/s instead: one forward of each context into a fresh cache (as generate()
+prefills), in this process, for the original, the MLA checkpoint with stock sdpa, and latent_sdpa with the absorbed
+form forced and with its per-call choice (expanded for a prompt); one warm-up, then --repeats interleaved rounds, the
+median per cell.
+
+    python scripts/bench_decode.py --prefill --contexts 1024 4096 --threads 2 --repeats 3 --mla MLA_DIR
+
 The MLA checkpoint is converted once (stock deepseek_v3 format, --kv-lora-rank/--rope-dim; weights do not change
 the speed) unless --mla PATH is given.
 """
@@ -34,6 +41,13 @@ CONFIGS = [
     ("MLA latent_sdpa (absorbed, LatentCache)", "mla", "latent_sdpa", "latent"),
 ]
 
+PREFILL_CONFIGS = [
+    ("original (sdpa)", "original", "sdpa", "auto"),
+    ("MLA stock deepseek_v3 (sdpa, expands)", "mla", "sdpa", "auto"),
+    ("MLA latent_sdpa, absorbed prefill (forced)", "mla", "latent_sdpa", "absorbed"),
+    ("MLA latent_sdpa, per-call form (expanded prefill)", "mla", "latent_sdpa", "auto"),
+]
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,6 +58,9 @@ def parse_args():
     )
     p.add_argument(
         "--repeats", type=int, default=2, help="interleaved rounds; the best round per cell is reported"
+    )
+    p.add_argument(
+        "--prefill", action="store_true", help="prompt tokens/s instead of decode (module docstring)"
     )
     p.add_argument("--mla", help="an MLA checkpoint (default: convert the packaged SmolLM2)")
     p.add_argument("--kv-lora-rank", type=int, default=104)
@@ -65,8 +82,10 @@ def bench(model: str, context: int, args, attn: str, cache: str) -> dict:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-        print(done.stdout.strip().splitlines()[-2], flush=True)
-        return json.loads(out.read_text())
+        (row,) = json.loads(out.read_text())["rows"]
+        print(f"{Path(model).name} [{attn}, {cache}] context {context}: {row['decode_tokens_per_second']:.2f} "
+              f"tokens/s, prefill {row['prefill_seconds']:.1f} s", flush=True)  # fmt: skip
+        return {**row, "cache_bytes_per_token": row["kv_bytes_per_token"]}
 
 
 def main() -> int:
@@ -80,6 +99,8 @@ def main() -> int:
                                                                     "qk_rope_head_dim": args.rope_dim,
                                                                     "factorization": "svd"}))  # fmt: skip
     paths = {"original": original, "mla": str(mla)}
+    if args.prefill:
+        return prefill(paths, args)
     runs = {(context, name): [] for context in args.contexts for name, *_ in CONFIGS}
     for _ in range(args.repeats):  # interleaved, so a busy spell on the shared CPU hits every configuration
         for context in args.contexts:
@@ -123,6 +144,66 @@ def main() -> int:
         "machine": machine_info(),
         "table": table,
     }
+    print(f"\nwrote {write_json(args.json, payload)}")
+    return 0
+
+
+def prefill(paths: dict[str, str], args) -> int:
+    """Prompt tokens/s per PREFILL_CONFIGS row and context (module docstring); writes the table and --json."""
+    import statistics
+
+    import torch
+    from torch.utils import benchmark
+    from transformers import AutoModelForCausalLM
+
+    from hf_attn_swap import LatentCache
+    from hf_attn_swap.modeling.compat import cache_kwargs
+    from hf_attn_swap.modeling.latent_attention import force_latent_form
+
+    torch.set_num_threads(args.threads)
+    loads = dict.fromkeys((model, attn) for _, model, attn, _ in PREFILL_CONFIGS)  # each pair once
+    models = {
+        key: AutoModelForCausalLM.from_pretrained(
+            paths[key[0]], attn_implementation=key[1], dtype=torch.float32
+        )
+        for key in loads
+    }
+
+    def seconds(context: int, model: str, attn: str, form: str) -> float:
+        network = models[model, attn].eval()
+        ids = torch.randint(
+            3, network.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)
+        )
+        cache = LatentCache(config=network.config) if attn == "latent_sdpa" else None
+        with torch.no_grad(), force_latent_form(form):
+            start = benchmark.timer()
+            network(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+            return benchmark.timer() - start
+
+    runs = {(context, name): [] for context in args.contexts for name, *_ in PREFILL_CONFIGS}
+    for round_ in range(1 + args.repeats):  # round 0 warms up; interleaved, so busy spells hit every row
+        for context in args.contexts:
+            for name, *config in PREFILL_CONFIGS:
+                elapsed = seconds(context, *config)
+                print(f"round {round_} context {context} {name}: {elapsed:.2f} s", flush=True)
+                if round_:
+                    runs[context, name].append(elapsed)
+    rows = []
+    for context in args.contexts:
+        speed = {name: context / statistics.median(runs[context, name]) for name, *_ in PREFILL_CONFIGS}
+        for name, tokens_per_second in speed.items():
+            rows.append(
+                {"context": context, "name": name, "prefill_tokens_per_second": tokens_per_second,
+                 "vs_original": tokens_per_second / speed[PREFILL_CONFIGS[0][0]],
+                 "vs_absorbed": tokens_per_second / speed[PREFILL_CONFIGS[2][0]]}
+            )  # fmt: skip
+    columns = [("context", "context"), ("name", "model"), ("prefill_tokens_per_second", "prefill tokens/s"),
+               ("vs_original", "x original"), ("vs_absorbed", "x absorbed prefill")]  # fmt: skip
+    table = markdown_table(rows, columns)
+    print(f"\n{table}")
+    payload = {"rows": rows, "all_runs": [{"context": c, "name": n, "seconds": r} for (c, n), r in runs.items()],
+               "repeats": args.repeats, "threads": args.threads, "mla": paths["mla"],
+               "command": [sys.executable, *sys.argv], "machine": machine_info(), "table": table}  # fmt: skip
     print(f"\nwrote {write_json(args.json, payload)}")
     return 0
 

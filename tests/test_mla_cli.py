@@ -109,9 +109,11 @@ def test_bench_writes_measurements(source, tmp_path):
     report = tmp_path / "bench.json"
     argv = ["bench", str(out), "--context", "40", "--new-tokens", "3", "--attn-implementation", "latent_sdpa"]
     assert main(argv + ["--cache", "latent", "--json", str(report)]) == 0
-    result = json.loads(report.read_text())
-    assert result["cache_class"] == "LatentCache" and result["attn_implementation"] == "latent_sdpa"
-    assert result["cache_bytes"] == (40 + 3) * (24 + 8) * 2 * 4  # the last token's latent is cached too
+    (result,) = json.loads(report.read_text())["rows"]
+    assert result["kv_engine"]["cache_class"] == "LatentCache"
+    assert result["engine"]["attn_implementation"] == "latent_sdpa" and result["attention"] == "absorbed"
+    assert result["kv_bytes_per_token"] == (24 + 8) * 2 * 4  # latent + rope key, 2 layers, float32
+    assert result["kv_layout"] == "latent" and result["kv_matches_formula"]
     assert result["decode_tokens_per_second"] > 0 and result["peak_rss_mib"] > 0
     assert main(["bench", str(out), "--context", "0"]) == 2
     assert torch.get_num_threads() == threads  # no --threads: torch's setting is left alone

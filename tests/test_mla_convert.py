@@ -305,5 +305,6 @@ def test_in_place_conversion_returns_attentions_and_hidden_states_like_the_reloa
         expected = loaded(input_ids=ids, output_attentions=True, output_hidden_states=True)
     assert got.attentions is not None and got.hidden_states is not None
     assert len(got.attentions) == model.config.num_hidden_layers == len(got.hidden_states) - 1
-    for mine, theirs in zip(got.attentions + got.hidden_states, expected.attentions + expected.hidden_states):
+    pairs = zip(got.attentions + got.hidden_states, expected.attentions + expected.hidden_states, strict=True)
+    for mine, theirs in pairs:
         assert torch.equal(mine, theirs)

@@ -1,5 +1,6 @@
 """PNG figures (matplotlib, headless): uptraining loss curves, quality vs KV budget, decode speed vs context,
-long-context retrieval accuracy (length x depth) and perplexity by position."""
+long-context retrieval accuracy (length x depth), perplexity by position and served speed / memory against the
+roofline (``bench``)."""
 
 from __future__ import annotations
 
@@ -130,4 +131,39 @@ def plot_perplexity_by_position(results: dict[str, list[dict]], path) -> Path:
     ax.set_title("perplexity by position")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_serving(rows: list[dict], path) -> Path:
+    """``bench`` rows (one per model and context): decode tokens/s with each model's roofline (dashed), prefill
+    tokens/s, and the sequences a KV budget holds, against context, one line per model."""
+    plt = _pyplot()
+    rows = [r for r in rows if not r.get("error")]
+    panels = [
+        ("decode_tokens_per_second", "decode tokens / s (dashed: roofline)"),
+        ("prefill_tokens_per_second", "prefill tokens / s"),
+        (
+            "max_batch_at_budget",
+            f"sequences in {rows[0]['kv_budget_mib']:g} MiB of KV" if rows else "sequences",
+        ),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == name), key=lambda r: r["context"])
+        contexts = [r["context"] for r in mine]
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            line = ax.plot(contexts, [r[key] for r in mine], marker="o", label=name)[0]
+            if key == "decode_tokens_per_second":
+                ax.plot(
+                    contexts, [r["roofline_tokens_per_second"] for r in mine], ls="--", color=line.get_color()
+                )
+    runtime = rows[0]["runtime"] if rows else ""
+    for ax, (_, label) in zip(axes, panels, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{runtime}: {label.split(' (')[0]}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
     return _save(fig, path)

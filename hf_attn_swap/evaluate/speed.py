@@ -5,7 +5,7 @@ The first ``context`` prompt tokens are prefilled once, in one forward, into the
 ``prefill_seconds``); ``generate()`` then continues greedily from that cache for ``new_tokens`` tokens, which is
 exactly ``new_tokens`` cached single-token forwards (the first of them feeds the token the prefill predicted).
 
-    decode tokens/s = new_tokens / median time of that continuation
+    decode tokens/s = batch x new_tokens / median time of that continuation     (batch sequences decoded at once)
 
 The continuation is timed by ``torch.utils.benchmark.Timer.blocked_autorange`` (its block-size estimate is the
 warm-up; it synchronises the accelerator around each block): every run first crops the cache back to the prompt
@@ -92,10 +92,13 @@ def measure_decode_speed(
     cache: str = "auto",
     min_run_time: float = 0.5,
     check_positions: bool = True,
+    batch: int = 1,
 ) -> dict:
-    """Greedy decode speed of ``model`` (batch 1) after ``context`` prompt tokens (see the module docstring).
+    """Greedy decode speed of ``model`` after ``context`` prompt tokens (see the module docstring), ``batch``
+    sequences at once (decode tokens/s counts the tokens of all of them).
 
-    prompt: token ids [N >= context] (real text); default: seeded random ids. cache: ``CACHES``.
+    prompt: token ids [N >= context] (real text; every sequence gets it); default: seeded random ids, one row per
+    sequence. cache: ``CACHES``.
     min_run_time: seconds of timed decoding to collect (at least one run). check_positions: refuse
     context + new_tokens beyond the model's ``max_position_embeddings`` (the ``bench`` command does not: a RoPE
     model runs past its trained positions, which does not change its speed). Returns context, new_tokens,
@@ -106,16 +109,18 @@ def measure_decode_speed(
         raise ValueError(f"--new-tokens must be at least 1, got {new_tokens}")
     if context < 1:
         raise ValueError(f"--context must be at least 1, got {context}")
+    if batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {batch}")
     limit = getattr(model.config, "max_position_embeddings", None)
     if check_positions and limit is not None and context + new_tokens > limit:
         raise ValueError(
             f"context {context} + {new_tokens} new tokens exceeds the model's {limit} positions: use a shorter context"
         )
     if prompt is not None and len(prompt) >= context:
-        ids = torch.as_tensor(prompt[:context]).view(1, -1)
+        ids = torch.as_tensor(prompt[:context]).view(1, -1).repeat(batch, 1)
     else:
         generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, model.config.vocab_size, (1, context), generator=generator)
+        ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=generator)
     device = model.device
     ids = ids.to(device)
     if device.type == "cuda":
@@ -164,12 +169,13 @@ def measure_decode_speed(
         "new_tokens": new_tokens,
         "prefill_seconds": round(prefill, 4),
         "decode_seconds": round(seconds, 4),
-        "decode_tokens_per_second": new_tokens / seconds,
+        "decode_tokens_per_second": batch * new_tokens / seconds,
+        "batch": batch,
         "median_step_ms": round(1000 * seconds / new_tokens, 3),
         "decode_runs": runs,
         "cache_class": type(past).__name__,
         "cache_bytes": cache_nbytes(past),
-        "cache_bytes_per_token": cache_nbytes(past) / cached,
+        "cache_bytes_per_token": cache_nbytes(past) / (cached * batch),
         "peak_rss_mib": round(peak_rss_mib(), 1),
     }
     if device.type == "cuda":
