@@ -369,6 +369,23 @@ def render_longcontext(sources: list[Source]) -> list[str]:
     return markdown(columns, rows)
 
 
+def render_longcontext_conversions(sources: list[Source]) -> list[str]:
+    """Retrieval by length (``render_longcontext``) and perplexity by position bucket, one row per model."""
+    lines = render_longcontext(sources)
+    models = {name: m for s in sources if s.data for name, m in s.data.get("models", {}).items()}
+    ppl = {n: (m.get("long_context") or {}).get("tasks", {}).get("ppl-position") for n, m in models.items()}
+    ppl = {n: t for n, t in ppl.items() if t}
+    if not ppl:
+        return lines
+    buckets = sorted({(b["start"], b["end"]) for t in ppl.values() for b in t["buckets"]})
+    columns = ["model", *[f"ppl @ {a}–{b}" for a, b in buckets]]
+    rows = [
+        [name, *[{(b["start"], b["end"]): b["perplexity"] for b in t["buckets"]}.get(k) for k in buckets]]
+        for name, t in ppl.items()
+    ]
+    return [*lines, "", *markdown(columns, rows)]
+
+
 # --- GGUF quality (scripts/gguf_quality.py) ------------------------------------------------------------------------
 
 
@@ -467,6 +484,15 @@ TABLES: dict[str, Table] = {
             "hf_attn_swap/evaluate/longcontext.py",
         ),
         how="`python3 scripts/compare_kvpress.py --model smollm2 --lengths 2048 --json runs/longcontext/kvpress.json`.",
+    ),
+    "longcontext_smollm2": Table(
+        ("results/longcontext_smollm2.json",),
+        render_longcontext_conversions,
+        ("hf_attn_swap/evaluate/longcontext.py", "hf_attn_swap/methods", "hf_attn_swap/export"),
+        how="convert SmolLM2 with `--to mqa --method fit` and `--to mla --kv-budget 0.5 / 0.3125 / 0.125`, then "
+        "`hf-attn-swap eval original=... NAME=FOLDER ... --task needle ppl-position --lengths 2048 4096 8192 "
+        "--depths 0.1 0.5 0.9 --trials 2 --ppl-sequences 2 --max-tokens 1024 --json runs/longcontext/smollm2.json` "
+        "(≈ 100 min on 2 cores).",
     ),
     "gguf_quality": Table(
         ("results/gguf_quality.json",),
