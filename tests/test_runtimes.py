@@ -100,19 +100,24 @@ def tiny_deepseek(folder: Path, smollm2: Path, kv_lora_rank: int, rope_dim: int)
     return with_smollm2_tokenizer(folder, smollm2)
 
 
-def biased_tiny_qwen2(folder: Path, smollm2: Path) -> Path:
-    """A tiny Qwen2 (q/k/v biases, random and non-zero) with SmolLM2's tokenizer."""
+def biased_tiny_qwen2(folder: Path) -> Path:
+    """A tiny Qwen2 (q/k/v biases, random and non-zero) with Qwen2.5's own tokenizer and vocabulary: llama.cpp's
+    converter only accepts the pre-tokenizers it knows for the architecture (SmolLM2's is refused for qwen2)."""
+    from hf_attn_swap.io.checkpoints import copy_tokenizer_files
+
     model = tiny_model(
-        "qwen2", num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256, vocab_size=49152
-    )
+        "qwen2", num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256, vocab_size=151936,
+        tie_word_embeddings=True,
+    )  # fmt: skip
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
-    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 151643, 151645, 151643
     save_like_the_hub(model, folder)
-    return with_smollm2_tokenizer(folder, smollm2)
+    copy_tokenizer_files(example_model_path("qwen2.5-coder"), folder)
+    return folder
 
 
 def llama3_tiny(folder: Path, smollm2: Path) -> Path:
@@ -162,7 +167,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "tiny-deepseek-stock": tiny_deepseek(root / "tiny-deepseek-stock", smollm2, 32, 16),
         "tiny-deepseek-stock-512+64": tiny_deepseek(root / "tiny-deepseek-stock-512", smollm2, 512, 64),
         "smollm2": smollm2,
-        "tiny-qwen2-biased": biased_tiny_qwen2(root / "tiny-qwen2-biased", smollm2),
+        "tiny-qwen2-biased": biased_tiny_qwen2(root / "tiny-qwen2-biased"),
         "tiny-llama3": llama3_tiny(root / "tiny-llama3", smollm2),
         "qwen-slice": qwen_slice(root / "qwen-slice"),
     }
