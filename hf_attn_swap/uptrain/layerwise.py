@@ -81,8 +81,11 @@ def capture_attention(model: nn.Module, input_ids: torch.Tensor):
     return inputs, outputs
 
 
-def attention_on_inputs(model: nn.Module, input_ids: torch.Tensor, inputs, skip_mlps: bool = True):
-    """Outputs of ``model``'s attention layers when layer l's attention input is replaced by ``inputs[l]``.
+def attention_on_inputs(
+    model: nn.Module, input_ids: torch.Tensor, inputs, skip_mlps: bool = True, return_logits: bool = False
+):
+    """Outputs of ``model``'s attention layers when layer l's attention input is replaced by ``inputs[l]``
+    (``return_logits``: and the model's last-position logits).
 
     The model runs normally otherwise (its own rotary embeddings and masks); gradients flow to the attention
     parameters only through these outputs.
@@ -112,8 +115,8 @@ def attention_on_inputs(model: nn.Module, input_ids: torch.Tensor, inputs, skip_
         stack.enter_context(_hooks(attention, pre, post))
         if skip_mlps:
             stack.enter_context(mlps_skipped(unwrap(model)))
-        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-    return outputs
+        logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits
+    return (outputs, logits) if return_logits else outputs
 
 
 def relative_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -129,8 +132,15 @@ class Layerwise(Objective):
     default_learning_rate = 1e-3
     #: replacing modules is unsafe when a wrapper (FSDP, DeepSpeed ZeRO-3) has flattened the parameters
     skip_mlps = True
+    #: sharded runs: FSDP2 unshards a wrapped layer's weights for backward from a hook on the layer's
+    #: *outputs*, which the loss (taken inside the layer) never reaches: a zero-weighted term on the logits
+    #: sends a (zero) gradient through every layer output, so the hooks fire; the gradients are unchanged
+    through_output = False
 
     def loss(self, model, input_ids, teacher, config):
         inputs, targets = capture_attention(teacher, input_ids)
-        predictions = attention_on_inputs(model, input_ids, inputs, skip_mlps=self.skip_mlps)
-        return torch.stack([relative_mse(p, t) for p, t in zip(predictions, targets, strict=True)]).mean()
+        predictions, logits = attention_on_inputs(
+            model, input_ids, inputs, skip_mlps=self.skip_mlps, return_logits=True
+        )
+        loss = torch.stack([relative_mse(p, t) for p, t in zip(predictions, targets, strict=True)]).mean()
+        return loss + 0.0 * logits.float().sum() if self.through_output else loss

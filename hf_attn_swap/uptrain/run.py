@@ -237,7 +237,7 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict | None:
     )
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     if isinstance(objective, Layerwise) and sharded:
-        objective.skip_mlps = False
+        objective.skip_mlps, objective.through_output = False, True
     if main:
         print(
             f"uptrain {config.mode}: {max_steps} steps x {tokens_per_step} tokens = {max_steps * tokens_per_step} "
@@ -301,9 +301,14 @@ def checkpoint_dtype(model_path: Path):
 
 def _gather_trained_model(trainer, objective, model_path: Path, stage: Path, sharded: bool):
     """The trained model on the main process. Sharded runs (FSDP, DeepSpeed) go through ``save_model``,
-    which gathers the full weights, and a reload."""
+    which gathers the full weights, and a reload. FSDP checkpoints may be sharded (``SHARDED_STATE_DICT``:
+    one ``.distcp`` file per rank); the final weights are always gathered whole (``FULL_STATE_DICT``)."""
     if not sharded:
         return trainer.model
+    if trainer.is_fsdp_enabled:
+        plugin = trainer.accelerator.state.fsdp_plugin
+        if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+            plugin.set_state_dict_type("FULL_STATE_DICT")  # save_model saves nothing for a sharded type
     trainer.save_model(str(stage))
     if not trainer.is_world_process_zero():
         return None

@@ -7,7 +7,9 @@ names step N; anything else is what a ``kill -9`` left behind and is deleted bef
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -29,9 +31,41 @@ class UptrainTrainer(Trainer):
         self.run_config = run_config
         self.teacher = None if teacher is None else teacher.to(self.args.device).eval()
 
+    def create_accelerator_and_postprocess(self) -> None:
+        with fsdp_on_cpu():
+            super().create_accelerator_and_postprocess()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.objective.loss(model, inputs["input_ids"], self.teacher, self.run_config)
         return (loss, None) if return_outputs else loss
+
+
+@contextlib.contextmanager
+def fsdp_on_cpu():
+    """Let ``accelerate launch`` with an FSDP config shard the model over CPU processes (gloo).
+
+    accelerate 1.16 turns ``ACCELERATE_USE_FSDP`` into FSDP only for accelerator process groups
+    (``MULTI_GPU``, ``MULTI_XPU``, ...): on CPU (``MULTI_CPU``, gloo) it silently falls back to DDP.
+    PyTorch's ``fully_shard`` (FSDP2) runs on CPU tensors over gloo, so while the Trainer builds its
+    ``Accelerator`` the process group is presented as a multi-device one, which ``AcceleratorState`` turns
+    into ``FSDP`` as on GPUs (the device stays ``cpu``, the backend gloo). A no-op everywhere else.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    shared = PartialState._shared_state
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
+        or shared.get("distributed_type") != DistributedType.MULTI_CPU
+    ):
+        yield
+        return
+    shared["distributed_type"] = DistributedType.MULTI_GPU
+    try:
+        yield
+    finally:  # AcceleratorState has set it to FSDP (kept: accelerate reads it back); else undo
+        if shared.get("distributed_type") == DistributedType.MULTI_GPU:
+            shared["distributed_type"] = DistributedType.MULTI_CPU
 
 
 def _is_complete(folder: Path, step: int) -> bool:
