@@ -259,15 +259,16 @@ def _current_rows(data: dict, label: str, engines: dict[str, list[str]] | None) 
         tokens = ((data.get("texts") or {}).get("tutorial") or {}).get("tokens")
         items = [
             (r["method"] + (f", {r['split']}" if r.get("split", "—") != "—" else ""), r.get("kv_cache_bytes_per_token"),
-             r.get("tutorial_perplexity"), r.get("tutorial_kl"), r.get("tutorial_top1"), tokens)
+             r.get("tutorial_perplexity"), r.get("tutorial_kl"), r.get("tutorial_top1"), tokens, r.get("kv_values"))
             for r in data.get("rows", [])
             if r["method"].startswith(("original", "this project"))
         ]  # fmt: skip
     base = items[0][1] if items else None
     rows = []
-    for name, kv, ppl, kl, top1, tokens in items:
+    for name, kv, ppl, kl, top1, tokens, *values in items:
         change = f"{100 * (kv / base - 1):+.2f} %" if kv and base and kv != base else "—"
-        rows.append([model, name, kv, change, ppl, kl, top1, tokens, _verified(engines, model, name)])
+        verified = _verified(engines, model, name, values[0] if values else None)
+        rows.append([model, name, kv, change, ppl, kl, top1, tokens, verified])
     return rows
 
 
@@ -285,11 +286,14 @@ def _engines(source: Source) -> dict[str, list[str]] | None:
     return passed
 
 
-def _verified(engines: dict[str, list[str]] | None, model: str, name: str) -> str:
+def _verified(engines: dict[str, list[str]] | None, model: str, name: str, kv_values: int | None = None) -> str:
+    """Engines that passed ``verify`` on this row's folder: ``MODEL[-mla|-mqa]``, or for a compare_peers row at
+    several budgets ``MODEL-mla-<KV values>`` (only the budget whose folder was verified)."""
     if engines is None:
         return f"pending (`{RUNTIMES_JSON}`)"
     kind = "-mla" if "MLA" in name or "this project" in name else "-mqa" if "1 KV head" in name else ""
-    return ", ".join(engines.get(f"{model}{kind}", [])) or "—"
+    key = f"{model}{kind}-{kv_values}" if kind and kv_values else f"{model}{kind}"
+    return ", ".join(engines.get(key, [])) or "—"
 
 
 # --- MLA against the peers (scripts/compare_peers.py) ------------------------------------------------------------
@@ -452,7 +456,8 @@ TABLES: dict[str, Table] = {
             ),
             RUNTIMES_JSON: "`hf-attn-swap verify FOLDER --runtime vllm|llama.cpp|mlx` on the demo's output folders, "
             "then `python3 scripts/tables.py --verified smollm2-mla=runs/demo/smollm2-mla/verify.json ...` (model "
-            "names: `smollm2`, `smollm2-mqa`, `smollm2-mla`, the same for `qwen2.5-coder`).",
+            "names: `smollm2`, `smollm2-mqa`, `smollm2-mla`; for a compare_peers JSON `qwen2.5-coder-mla-128`: KV "
+            "values per token and layer).",
         },
     ),
     "mla_qwen_peers": Table(
