@@ -390,6 +390,19 @@ def render_longcontext_conversions(sources: list[Source]) -> list[str]:
     return [*lines, "", *markdown(columns, rows)]
 
 
+def render_prefill(sources: list[Source]) -> list[str]:
+    """``scripts/bench_decode.py --prefill`` rows: prompt tokens/s per context and form, ratio to the original."""
+    data = sources[0].data
+    if not data:
+        return []
+    columns = ["context", "model / attention", "prefill tokens/s", "vs original", "vs absorbed"]
+    rows = [
+        [r["context"], r["name"], r["prefill_tokens_per_second"], r["vs_original"], r.get("vs_absorbed")]
+        for r in data.get("rows", [])
+    ]
+    return markdown(columns, rows)
+
+
 # --- GGUF quality (scripts/gguf_quality.py) ------------------------------------------------------------------------
 
 
@@ -498,6 +511,13 @@ TABLES: dict[str, Table] = {
         "`hf-attn-swap eval original=... NAME=FOLDER ... --task needle ppl-position --lengths 2048 4096 8192 "
         "--depths 0.1 0.5 0.9 --trials 2 --ppl-sequences 2 --max-tokens 1024 --json runs/longcontext/smollm2.json` "
         "(≈ 100 min on 2 cores).",
+    ),
+    "prefill_smollm2": Table(
+        ("results/prefill_smollm2_4096.json",),
+        render_prefill,
+        ("scripts/bench_decode.py", "hf_attn_swap/modeling", "hf_attn_swap/evaluate/speed.py"),
+        how="`python3 scripts/bench_decode.py --prefill --contexts 4096 --threads 2 --repeats 2 --mla "
+        "runs/demo/SmolLM2-135M-Instruct-mla --json runs/bench/prefill_4096.json` (≈ 4 min on 2 idle cores).",
     ),
     "gguf_quality": Table(
         ("results/gguf_quality.json",),
