@@ -403,6 +403,27 @@ def render_prefill(sources: list[Source]) -> list[str]:
     return markdown(columns, rows)
 
 
+def render_bench(sources: list[Source]) -> list[str]:
+    """``hf-attn-swap bench --json`` rows: what the engine caches, prefill / decode tokens/s against the roofline,
+    sequences per KV budget; ratios to the first model."""
+    if not any(s.data for s in sources):
+        return []
+    columns = ["context", "model", "engine caches (B/token)", "= formula", "prefill tok/s", "decode tok/s",
+               "x decode", "roofline tok/s (bound)", "% of roofline", "KV MiB", "x KV",
+               "sequences per KV budget"]  # fmt: skip
+    rows = [
+        [r["context"], r["model"], f"{r.get('kv_layout')} {fmt(r.get('kv_bytes_per_token'))}",
+         r.get("kv_matches_formula"), r.get("prefill_tokens_per_second"), r.get("decode_tokens_per_second"),
+         r.get("x_decode"), f"{fmt(r.get('roofline_tokens_per_second'))} ({r.get('roofline_bound')})",
+         f"{100 * r['roofline_fraction']:.0f} %" if r.get("roofline_fraction") else None, r.get("kv_mib"),
+         r.get("x_kv"), f"{r.get('max_batch_at_budget')} @ {fmt(r.get('kv_budget_mib'))} MiB"]
+        for source in sources
+        for r in (source.data or {}).get("rows", [])
+        if not r.get("error")
+    ]  # fmt: skip
+    return markdown(columns, rows)
+
+
 # --- GGUF quality (scripts/gguf_quality.py) ------------------------------------------------------------------------
 
 
@@ -518,6 +539,14 @@ TABLES: dict[str, Table] = {
         ("scripts/bench_decode.py", "hf_attn_swap/modeling", "hf_attn_swap/evaluate/speed.py"),
         how="`python3 scripts/bench_decode.py --prefill --contexts 4096 --threads 2 --repeats 2 --mla "
         "runs/demo/SmolLM2-135M-Instruct-mla --json runs/bench/prefill_4096.json` (≈ 4 min on 2 idle cores).",
+    ),
+    "bench_llama2_llamacpp": Table(
+        ("results/bench_llama2_llamacpp_4k.json",),
+        render_bench,
+        ("hf_attn_swap/pipeline/bench.py", "hf_attn_swap/pipeline/bench_models.py",
+         "hf_attn_swap/pipeline/drivers/llama_cpp_bench.py", "hf_attn_swap/evaluate/roofline.py"),  # fmt: skip
+        how="`hf-attn-swap bench --random-weights llama2-7b --layers 2 --mla 256+64 --pad '' --runtime llama.cpp "
+        "--context 4096 --weight-type q8_0 --repeats 2 --threads 2 --json runs/bench/llama2_llamacpp_4k.json`.",
     ),
     "gguf_quality": Table(
         ("results/gguf_quality.json",),
