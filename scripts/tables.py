@@ -541,12 +541,13 @@ TABLES: dict[str, Table] = {
         "runs/demo/SmolLM2-135M-Instruct-mla --json runs/bench/prefill_4096.json` (≈ 4 min on 2 idle cores).",
     ),
     "bench_llama2_llamacpp": Table(
-        ("results/bench_llama2_llamacpp_4k.json",),
+        ("results/bench_llama2_llamacpp_4k.json", "results/bench_llama2_llamacpp_16k.json"),
         render_bench,
         ("hf_attn_swap/pipeline/bench.py", "hf_attn_swap/pipeline/bench_models.py",
          "hf_attn_swap/pipeline/drivers/llama_cpp_bench.py", "hf_attn_swap/evaluate/roofline.py"),  # fmt: skip
         how="`hf-attn-swap bench --random-weights llama2-7b --layers 2 --mla 256+64 --pad '' --runtime llama.cpp "
-        "--context 4096 --weight-type q8_0 --repeats 2 --threads 2 --json runs/bench/llama2_llamacpp_4k.json`.",
+        "--context 4096 --weight-type q8_0 --repeats 2 --threads 2 --json runs/bench/llama2_llamacpp_4k.json` "
+        "(and --context 16384 --repeats 1).",
     ),
     "gguf_quality": Table(
         ("results/gguf_quality.json",),
