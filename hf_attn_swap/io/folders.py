@@ -171,7 +171,7 @@ def atomic_output_dir(
 ) -> Iterator[Path]:
     """Yield a hidden temporary folder next to ``out``; on success it is renamed to ``out`` in one step.
 
-    A ``config.json`` written there gets a top-level ``rope_theta`` (``add_legacy_rope_fields``).
+    A ``config.json`` written there gets the pre-v5 ``rope_theta`` / ``rope_scaling`` (``add_legacy_rope_fields``).
     On any exception (or KeyboardInterrupt) the temporary folder is deleted and ``out`` is left as it was. A
     hard kill can leave only ``.<name>.partial-*`` behind, never a half-written ``out``.
 

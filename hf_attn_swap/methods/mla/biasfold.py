@@ -96,11 +96,10 @@ def fold_rope_key(key: torch.Tensor, fold: BiasFold, frequencies: torch.Tensor) 
     """Rope keys [n, d_rope, hidden + 1] (rotate-half order: component t at dims t and t + d_rope / 2) whose
     components turn at ``frequencies`` [d_rope / 2] (radians per token), with a zero bias column: the bias of the
     fast components folded along ``fold.key``, of the slow ones dropped (module docstring)."""
-    fast = (2 * torch.pi / frequencies.double()) < ROPE_BIAS_WAVELENGTH
-    rows = torch.cat([fast, fast]).to(key.device)
-    folded = key.clone()
-    folded[:, rows, :-1] += key[:, rows, -1:] * fold.key
-    folded[..., -1] = 0
+    slow = (2 * torch.pi / frequencies.double()) >= ROPE_BIAS_WAVELENGTH
+    rows = torch.cat([slow, slow]).to(key.device)
+    folded = fold_column(key, fold.key)
+    folded[:, rows, :-1] = key[:, rows, :-1]  # slow components: the weights unchanged, the bias dropped
     return folded
 
 
