@@ -473,6 +473,7 @@ MAIN_PRODUCERS = (
     "hf_attn_swap/export",
     "hf_attn_swap/evaluate/metrics.py",
 )
+BENCH_PRODUCERS = ("hf_attn_swap/pipeline/bench.py", "hf_attn_swap/pipeline/bench_models.py")
 MLA_PRODUCERS = ("scripts/compare_peers.py", "hf_attn_swap/methods/mla", "hf_attn_swap/export")
 
 TABLES: dict[str, Table] = {
@@ -541,13 +542,24 @@ TABLES: dict[str, Table] = {
         "runs/demo/SmolLM2-135M-Instruct-mla --json runs/bench/prefill_4096.json` (≈ 4 min on 2 idle cores).",
     ),
     "bench_llama2_llamacpp": Table(
-        ("results/bench_llama2_llamacpp_4k.json", "results/bench_llama2_llamacpp_16k.json"),
+        (
+            "results/bench_llama2_llamacpp_4k.json",
+            "results/bench_llama2_llamacpp_16k.json",
+            "results/bench_llama2_llamacpp_32k.json",
+        ),
         render_bench,
-        ("hf_attn_swap/pipeline/bench.py", "hf_attn_swap/pipeline/bench_models.py",
-         "hf_attn_swap/pipeline/drivers/llama_cpp_bench.py", "hf_attn_swap/evaluate/roofline.py"),  # fmt: skip
+        BENCH_PRODUCERS + ("hf_attn_swap/pipeline/drivers/llama_cpp_bench.py", "hf_attn_swap/evaluate/roofline.py"),
         how="`hf-attn-swap bench --random-weights llama2-7b --layers 2 --mla 256+64 --pad '' --runtime llama.cpp "
         "--context 4096 --weight-type q8_0 --repeats 2 --threads 2 --json runs/bench/llama2_llamacpp_4k.json` "
-        "(and --context 16384 --repeats 1).",
+        "(and --context 16384 --repeats 1; --context 32768 --mla 256+64 128+32 --repeats 1).",
+    ),
+    "bench_llama2_vllm": Table(
+        ("results/bench_llama2_vllm_16k.json",),
+        render_bench,
+        BENCH_PRODUCERS[:2] + ("hf_attn_swap/pipeline/drivers/vllm_bench.py", "hf_attn_swap/evaluate/roofline.py"),
+        how="`hf-attn-swap bench --random-weights llama2-7b --layers 2 --mla 448+64:512+64 --runtime vllm --context "
+        "16384 --dtype bfloat16 --repeats 1 --new-tokens 8 --threads 2 --workdir runs/bench/shapes --json "
+        "runs/bench/llama2_vllm_16k.json`.",
     ),
     "gguf_quality": Table(
         ("results/gguf_quality.json",),
