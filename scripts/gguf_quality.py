@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--json", default="runs/gguf/gguf_quality.json")
     args = parser.parse_args()
     start = time.perf_counter()
-    original, mla, work = example_model_path("smollm2"), Path(args.mla), Path(args.work)
+    original, mla, work = example_model_path("smollm2"), Path(args.mla).resolve(), Path(args.work).resolve()
     convert = mla_command(mla)
     if not mla.is_dir():
         subprocess.run(convert, check=True)

@@ -162,6 +162,17 @@ def test_a_failure_leaves_nothing_behind(tiny, text_file, tmp_path, monkeypatch)
     assert not any(out.parent.iterdir())
 
 
+def test_driver_steps_carry_absolute_paths(tmp_path, monkeypatch):
+    """The driver runs in a temporary working directory: a relative folder would not be found there."""
+    monkeypatch.chdir(tmp_path)
+    steps = gguf_job.gguf_steps(Path("src"), Path("o.gguf"), "q8_0", Path("w"))
+    steps.append(gguf_job.evaluate_step(Path("o.gguf"), [], 0, [], Path("logits.npy")))
+    paths = [s[k] for s in steps for k in ("model", "outfile", "infile", "gguf", "logits_out") if k in s]
+    root = tmp_path.resolve()
+    assert len(paths) == 6 and all(Path(p).is_absolute() for p in paths)
+    assert {Path(p).parent for p in paths} == {root, root / "w"}
+
+
 def test_float_types_go_through_the_converter_block_types_through_the_quantiser(tmp_path):
     for outtype in ("f32", "f16", "bf16"):
         (step,) = gguf_job.gguf_steps(tmp_path, tmp_path / "o.gguf", outtype, tmp_path / "w")

@@ -103,7 +103,9 @@ def llama_cpp_python(python: str | None = None) -> Path:
 
 def gguf_steps(folder: Path, outfile: Path, outtype: str, work: Path, protect: bool = True) -> list[dict]:
     """The driver steps that write ``outfile``: the converter alone for float types, else converter to f32 in
-    ``work`` and the quantiser. ``protect=False`` only to measure what the float32 override prevents."""
+    ``work`` and the quantiser. ``protect=False`` only to measure what the float32 override prevents. Paths are
+    made absolute: the driver runs in a temporary working directory."""
+    folder, outfile, work = Path(folder).resolve(), Path(outfile).resolve(), Path(work).resolve()
     if outtype in CONVERTER_OUTTYPES:
         return [{"op": "convert", "model": str(folder), "outfile": str(outfile), "outtype": outtype,
                  "protect": protect}]  # fmt: skip
@@ -121,7 +123,9 @@ def gguf_steps(folder: Path, outfile: Path, outtype: str, work: Path, protect: b
 
 
 def evaluate_step(gguf: Path, prompts: list[list[int]], max_new_tokens: int, text, logits_out: Path) -> dict:
-    """The driver step that decodes ``prompts`` greedily and scores ``text`` (token ids) with ``gguf``."""
+    """The driver step that decodes ``prompts`` greedily and scores ``text`` (token ids) with ``gguf`` (absolute
+    paths, as in ``gguf_steps``)."""
+    gguf, logits_out = Path(gguf).resolve(), Path(logits_out).resolve()
     return {"op": "evaluate", "gguf": str(gguf), "prompts": prompts, "max_new_tokens": max_new_tokens,
             "text": list(text), "logits_out": str(logits_out)}  # fmt: skip
 
