@@ -572,6 +572,14 @@ TABLES: dict[str, Table] = {
         ),
         how="`python3 scripts/gguf_quality.py --json runs/gguf/gguf_quality.json`.",
     ),
+    "uptrain_smollm2": Table(
+        ("results/uptrain_smollm2.json",),
+        render_archive,  # the JSON carries its columns and rows (scripts/uptrain_results.py --json)
+        ("scripts/uptrain_sweep.sh", "scripts/uptrain_results.py", "hf_attn_swap/uptrain", "hf_attn_swap/methods",
+         "hf_attn_swap/export", "hf_attn_swap/evaluate/metrics.py"),  # fmt: skip
+        how="`bash scripts/uptrain_sweep.sh runs/uptrain-sweep` (≈ 45 min on 2 cores), then `python3 scripts/tables.py "
+        "--add runs/uptrain-sweep/uptrain.json results/uptrain_smollm2.json`.",
+    ),
     "main_job_smollm2": Table(
         ("results/main_smollm2.json",),
         render_current,
