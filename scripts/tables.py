@@ -691,8 +691,9 @@ def add_verified(pairs: list[str], dest: str = RUNTIMES_JSON) -> Path:
                 "max_dlogprob": max(deltas) if deltas else None, "folder": str(Path(file).parent),
             })  # fmt: skip
     data["commit"] = git("rev-parse", "HEAD")
+    every = dict.fromkeys(f"{r['model']}={r['folder']}/verify.json" for r in data["rows"])  # all rows, in order
     data["command"] = "hf-attn-swap verify FOLDER --runtime R, per folder and runtime; " + command_text(
-        ["scripts/tables.py", "--verified", *pairs]
+        ["scripts/tables.py", "--verified", *every]
     )
     data["machine"] = {"platform": platform.platform(), "processor": platform.machine(),
                        "cpu_count": os.cpu_count()}  # fmt: skip
