@@ -554,12 +554,12 @@ TABLES: dict[str, Table] = {
         "(and --context 16384 --repeats 1; --context 32768 --mla 256+64 128+32 --repeats 1).",
     ),
     "bench_llama2_vllm": Table(
-        ("results/bench_llama2_vllm_16k.json",),
+        ("results/bench_llama2_vllm_4k.json",),
         render_bench,
         BENCH_PRODUCERS[:2] + ("hf_attn_swap/pipeline/drivers/vllm_bench.py", "hf_attn_swap/evaluate/roofline.py"),
         how="`hf-attn-swap bench --random-weights llama2-7b --layers 2 --mla 448+64:512+64 --runtime vllm --context "
-        "16384 --dtype bfloat16 --repeats 1 --new-tokens 8 --threads 2 --workdir runs/bench/shapes --json "
-        "runs/bench/llama2_vllm_16k.json`.",
+        "4096 --dtype bfloat16 --repeats 1 --new-tokens 8 --threads 2 --workdir runs/bench/shapes --json "
+        "runs/bench/llama2_vllm_4k.json` (at 16384, CPU_MLA's prefill asks for 32 GiB).",
     ),
     "gguf_quality": Table(
         ("results/gguf_quality.json",),
