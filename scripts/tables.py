@@ -252,7 +252,7 @@ def _current_rows(data: dict, label: str, engines: dict[str, list[str]] | None) 
     if "results" in data:  # hf-attn-swap demo
         items = [
             (name, r.get("kv_cache_bytes_per_token"), r.get("perplexity"), r.get("kl_to_reference"),
-             r.get("top1_agreement"), r.get("tokens"))
+             r.get("top1_agreement"), r.get("tokens"), None)
             for name, r in data["results"].items()
         ]  # fmt: skip
     else:  # scripts/compare_peers.py: its original and this project's rows, on the tutorial text
@@ -265,10 +265,9 @@ def _current_rows(data: dict, label: str, engines: dict[str, list[str]] | None) 
         ]  # fmt: skip
     base = items[0][1] if items else None
     rows = []
-    for name, kv, ppl, kl, top1, tokens, *values in items:
+    for name, kv, ppl, kl, top1, tokens, kv_values in items:
         change = f"{100 * (kv / base - 1):+.2f} %" if kv and base and kv != base else "—"
-        verified = _verified(engines, model, name, values[0] if values else None)
-        rows.append([model, name, kv, change, ppl, kl, top1, tokens, verified])
+        rows.append([model, name, kv, change, ppl, kl, top1, tokens, _verified(engines, model, name, kv_values)])
     return rows
 
 
@@ -473,7 +472,8 @@ MAIN_PRODUCERS = (
     "hf_attn_swap/export",
     "hf_attn_swap/evaluate/metrics.py",
 )
-BENCH_PRODUCERS = ("hf_attn_swap/pipeline/bench.py", "hf_attn_swap/pipeline/bench_models.py")
+BENCH_PRODUCERS = ("hf_attn_swap/pipeline/bench.py", "hf_attn_swap/pipeline/bench_models.py",
+                   "hf_attn_swap/evaluate/roofline.py")  # fmt: skip
 MLA_PRODUCERS = ("scripts/compare_peers.py", "hf_attn_swap/methods/mla", "hf_attn_swap/export")
 
 TABLES: dict[str, Table] = {
@@ -548,7 +548,7 @@ TABLES: dict[str, Table] = {
             "results/bench_llama2_llamacpp_32k.json",
         ),
         render_bench,
-        BENCH_PRODUCERS + ("hf_attn_swap/pipeline/drivers/llama_cpp_bench.py", "hf_attn_swap/evaluate/roofline.py"),
+        (*BENCH_PRODUCERS, "hf_attn_swap/pipeline/drivers/llama_cpp_bench.py"),
         how="`hf-attn-swap bench --random-weights llama2-7b --layers 2 --mla 256+64 --pad '' --runtime llama.cpp "
         "--context 4096 --weight-type q8_0 --repeats 2 --threads 2 --json runs/bench/llama2_llamacpp_4k.json` "
         "(and --context 16384 --repeats 1; --context 32768 --mla 256+64 128+32 --repeats 1).",
@@ -556,7 +556,7 @@ TABLES: dict[str, Table] = {
     "bench_llama2_vllm": Table(
         ("results/bench_llama2_vllm_4k.json",),
         render_bench,
-        BENCH_PRODUCERS[:2] + ("hf_attn_swap/pipeline/drivers/vllm_bench.py", "hf_attn_swap/evaluate/roofline.py"),
+        (*BENCH_PRODUCERS, "hf_attn_swap/pipeline/drivers/vllm_bench.py"),
         how="`hf-attn-swap bench --random-weights llama2-7b --layers 2 --mla 448+64:512+64 --runtime vllm --context "
         "4096 --dtype bfloat16 --repeats 1 --new-tokens 8 --threads 2 --workdir runs/bench/shapes --json "
         "runs/bench/llama2_vllm_4k.json` (at 16384, CPU_MLA's prefill asks for 32 GiB).",
