@@ -58,8 +58,9 @@ def table(evals: list[dict]) -> tuple[list[str], list[list]]:
         columns += [f"perplexity, {text}", f"KL, {text}"] + ([f"top-1, {text}"] if i == 0 else [])
     rows = []
     for name, result in main.items():
-        trained, wall, tokens = training(conversion_record(result["model"]))
-        row = [name, describe_conversion(conversion_record(result["model"])),
+        record = conversion_record(result["model"])
+        trained, wall, tokens = training(record)
+        row = [name, describe_conversion(record),
                round(result["kv_cache_bytes_per_token"]), trained, tokens, wall]  # fmt: skip
         for i, other in enumerate(e["models"].get(name) for e in evals):
             if other is None:

@@ -20,7 +20,13 @@ from hf_attn_swap.cli import main as cli_main
 from hf_attn_swap.testing import tiny_model
 from hf_attn_swap.uptrain import UptrainConfig, uptrain
 from hf_attn_swap.uptrain.distill import distillation_kl
-from hf_attn_swap.uptrain.layerwise import attention_on_inputs, capture_attention, relative_mse
+from hf_attn_swap.uptrain.layerwise import (
+    Layerwise,
+    attention_on_inputs,
+    capture_attention,
+    relative_mse,
+    residual_scale,
+)
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +253,36 @@ def layerwise_error(student, teacher, ids) -> float:
     return torch.stack([relative_mse(o, t) for o, t in zip(outputs, targets, strict=True)]).mean().item()
 
 
+def test_layerwise_target_follows_the_exports_residual_scale():
+    """A stock deepseek_v3 export computes what its plugin-format model computes with the residual stream times
+    s = sqrt(1e-6 / eps) (0.1 here), so its attention layers write s y: the layerwise loss must be the same for
+    both (before the fix the export's target was y, a relative error of (1 - s)^2 = 0.81 at every layer)."""
+    import copy
+
+    from hf_attn_swap import convert_to_mla
+    from hf_attn_swap.export.deepseek_v3 import to_deepseek_v3
+
+    teacher = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-4).eval()
+    plugin = copy.deepcopy(teacher)
+    convert_to_mla(plugin, 24, 8)
+    exported, details = to_deepseek_v3(copy.deepcopy(plugin))
+    assert details["residual_scale"] == pytest.approx(0.1)
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for model, scale in ((plugin.eval(), 1.0), (exported.eval(), 0.1)):
+        assert residual_scale(model, teacher) == pytest.approx(scale, rel=1e-6)
+        with torch.no_grad():
+            losses.append(float(Layerwise().loss(model, ids, teacher, None)))
+    assert 0 < losses[0] < 1
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    # MLA starts from a least-squares o_proj: the measured default learning rate is 10x lower there
+    assert Layerwise().learning_rate_for(exported.config.to_dict()) == 1e-4
+    assert Layerwise().learning_rate_for(teacher.config.to_dict()) == Layerwise.default_learning_rate == 1e-3
+    other = tiny_model("llama", seed=5, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="scaled copy of the teacher's"):
+        residual_scale(other, teacher)
+
+
 def test_layerwise_and_lora_work_on_an_mla_form_attention(tiny, tmp_path):
     """The recipes are format-agnostic: a DeepSeek-V3 (MLA) student of the same width and depth learns the
     Llama teacher's attention outputs; the output keeps the deepseek_v3 classes; only attention trains."""
@@ -273,9 +309,11 @@ def test_layerwise_and_lora_work_on_an_mla_form_attention(tiny, tmp_path):
     )
     torch.manual_seed(0)
     mla = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["src"]).eval()
+    with torch.no_grad():  # layerwise needs the student's residual stream to be the teacher's (up to a scale)
+        mla.get_input_embeddings().weight.copy_(teacher.get_input_embeddings().weight)
     mla.save_pretrained(tmp_path / "mla")
     tokenizer.save_pretrained(tmp_path / "mla")
-    teacher = AutoModelForCausalLM.from_pretrained(tiny["src"]).eval()
     ids = tokenizer(sample_text("tutorial", 2000), return_tensors="pt")["input_ids"][:, :128]
     for mode in ("layerwise", "lora"):
         cfg = UptrainConfig(

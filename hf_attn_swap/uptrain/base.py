@@ -74,6 +74,14 @@ class Objective:
     default_trainable: str = "all"
     default_learning_rate: float = 1e-4
 
+    def learning_rate_for(self, model_config: dict) -> float:
+        """The default learning rate for a model with this ``config.json`` (the class default unless measured
+        otherwise for a format)."""
+        return self.default_learning_rate
+
+    def bind(self, model: nn.Module, teacher: nn.Module | None) -> None:
+        """Measure what the loss needs from the loaded (unwrapped, unsharded) model and teacher; default none."""
+
     def prepare(self, model: nn.Module, config) -> nn.Module:
         set_trainable(model, config.trainable or self.default_trainable)
         return model

@@ -192,7 +192,8 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict | None:
     config = _normalised(config)
     objective, model_path, output, teacher_path, files = validate(config)
     checkpoint_dir = config.checkpoint_path()
-    learning_rate = config.learning_rate or objective.default_learning_rate
+    model_config = json.loads((model_path / "config.json").read_text())
+    learning_rate = config.learning_rate or objective.learning_rate_for(model_config)
     args = training_arguments(config, learning_rate)
     tokens_per_step = (
         config.block_size * config.batch_size * config.gradient_accumulation_steps * args.world_size
@@ -220,6 +221,7 @@ def uptrain(config: UptrainConfig, callbacks=()) -> dict | None:
         teacher = load_causal_lm(teacher_path, torch.float32, config.attn_implementation)
         if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
             raise ValueError(f"teacher {str(teacher_path)!r} has a different vocabulary than the model")
+    objective.bind(student, teacher)
     eval_before = _eval_perplexity(student, tokenizer, config) if config.eval_tokens and main else None
     model = objective.prepare(student, config)
     freeze_matching(model, config.freeze)
