@@ -61,7 +61,9 @@ class UptrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "default: the mode's (layerwise 1e-3, on MLA 1e-4; lora 1e-3; distill 1e-4; full 1e-4)"},
+        metadata={
+            "help": "default: the mode's (layerwise 1e-3, on MLA 1e-4; lora 1e-3; distill 1e-4; full 1e-4)"
+        },
     )
     lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "warm-up fraction of the steps, in [0, 1)"})
