@@ -82,6 +82,13 @@ def test_convert_to_plugin_format_with_energy_ranks(qwen2_source, tmp_path):
         (["--kv-lora-rank", "24", "--rope-dim", "8", "--rope-selection", "norm"], "Use --format plugin"),
         (["--kv-lora-rank", "24", "--rope-dim", "8", "--num-rope-key-heads", "2"], "Use --format plugin"),
         (["--rope-dim", "8"], "needs --kv-budget"),
+        (
+            ["--kv-lora-rank", "24", "--rope-dim", "8", "--engine", "vllm", "--format", "plugin"],
+            "transformers only",
+        ),
+        (["--kv-budget", "0.5", "--engine", "vllm", "--pad-kv-lora-rank", "256"], "--engine vllm sets --pad"),
+        (["--kv-budget", "0.5", "--engine", "llama.cpp", "--pad-rope-dim", "16"], "sets no padding"),
+        (["--kv-lora-rank", "600", "--rope-dim", "8", "--engine", "vllm"], "wider than the 512 + 64"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(source, tmp_path, capsys, extra, message):
@@ -91,6 +98,27 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(source, tmp_path, capsys,
     assert message in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert digest(source) == before
+
+
+def test_engine_preset_pads_the_latent_for_vllm_only(source, tmp_path):
+    """--engine vllm writes the 512 + 64 shape of vLLM's CPU_MLA / FlashMLA (zero channels: the same function),
+    --engine llama.cpp the unpadded one (the smallest cache); both from the same --kv-budget split."""
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for engine in ("vllm", "llama.cpp"):
+        out = tmp_path / engine
+        argv = ["convert", str(source), str(out), "--to", "mla", "--kv-budget", "0.5", "--engine", engine]
+        assert main([*argv, *DATA_FREE]) == 0
+        outs[engine] = AutoModelForCausalLM.from_pretrained(out).eval()
+        report = json.loads((out / "conversion.json").read_text())
+        assert report["details"]["deepseek_v3"]["latent_rank"] == 24
+        config = outs[engine].config
+        shape = (config.kv_lora_rank, config.qk_rope_head_dim)
+        assert shape == ((512, 64) if engine == "vllm" else (24, 8))
+        assert report["kv_bytes_per_token_after"] == 2 * sum(shape) * 4
+    with torch.no_grad():
+        padded, plain = (outs[e](ids).logits for e in ("vllm", "llama.cpp"))
+    torch.testing.assert_close(padded, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_unsupported_architecture_writes_nothing(tmp_path, capsys):

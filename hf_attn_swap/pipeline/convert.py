@@ -158,6 +158,54 @@ class ConvertArguments:
         "cpu", "where each layer's forwards and float64 decompositions run: cpu, cuda or cuda:N"
     )
     max_shard_size: str = option(DEFAULT_MAX_SHARD_SIZE, "largest output shard (e.g. 500MB, 5GB)")
+    engine: Literal["any", "llama.cpp", "mlx", "transformers", "vllm", "sglang"] = option(
+        "any",
+        "the engine the MLA export will be served with: vllm / sglang pad the latent to 512 + rope 64 (the only "
+        "shape of vLLM's CPU_MLA and of FlashMLA); llama.cpp, mlx and transformers keep it unpadded (the smallest "
+        "cache and the fastest CPU decode); any: as the pad flags say",
+    )
+
+
+#: ``--engine``: the (latent, rope) widths an MLA export is padded to for each engine's MLA kernels (None: unpadded)
+ENGINE_SHAPES: dict[str, tuple[int, int] | None] = {
+    "llama.cpp": None,
+    "mlx": None,
+    "transformers": None,
+    "vllm": (512, 64),
+    "sglang": (512, 64),
+}
+
+
+def engine_options(engine: str, to: str, mla: MLAConversionConfig, src: str) -> MLAConversionConfig:
+    """``mla`` with ``--engine``'s padding; ``ValueError`` naming the fix where the flags disagree or the latent
+    (``--kv-budget`` split for the source ``src``) is wider than the engine's kernels take."""
+    if engine == "any" or to != "mla":
+        return mla
+    if mla.format != "deepseek_v3":
+        raise ValueError(
+            f"--engine {engine}: the plugin format runs in transformers only; drop --format plugin"
+        )
+    shape = ENGINE_SHAPES[engine]
+    pads = (mla.pad_kv_lora_rank, mla.pad_rope_dim)
+    if pads != (None, None) and pads != shape:
+        wanted = "no padding" if shape is None else f"--pad-kv-lora-rank {shape[0]} --pad-rope-dim {shape[1]}"
+        raise ValueError(f"--engine {engine} sets {wanted}: drop the pad flags or --engine")
+    if shape is None:
+        return mla
+    resolved = mla
+    if mla.kv_budget is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(check_source(src))
+        resolved = mla.resolved_split(get_adapter(config).layout(config))
+    rank, rope = resolved.kv_lora_rank or 0, resolved.qk_rope_head_dim or 0
+    if rank > shape[0] or rope > shape[1]:
+        raise ValueError(
+            f"--engine {engine}: latent {rank} + rope {rope} is wider than the {shape[0]} + {shape[1]} its MLA "
+            f"kernels take: lower --kv-budget (at most {sum(shape)} values per token and layer) or serve unpadded "
+            "(--engine llama.cpp)"
+        )
+    return replace(mla, pad_kv_lora_rank=shape[0], pad_rope_dim=shape[1])
 
 
 def check_device(device: str) -> str:
@@ -188,6 +236,7 @@ def run_convert(
             f"method {gqa.method!r} reads no calibration text: drop --calibration-data, or pick a calibrated "
             f"method ({', '.join(sorted(m for m, c in GQA_METHODS.items() if c.needs_calibration))})"
         )
+    mla = engine_options(args.engine, args.to, mla, args.src)
     report = convert_checkpoint(
         args.src,
         args.out,
