@@ -580,6 +580,14 @@ TABLES: dict[str, Table] = {
         how="`bash scripts/uptrain_sweep.sh runs/uptrain-sweep` (≈ 45 min on 2 cores), then `python3 scripts/tables.py "
         "--add runs/uptrain-sweep/uptrain.json results/uptrain_smollm2.json`.",
     ),
+    "uptrain_qwen": Table(
+        ("results/uptrain_qwen.json",),
+        render_archive,  # as uptrain_smollm2
+        ("scripts/uptrain_qwen.sh", "scripts/uptrain_results.py", "hf_attn_swap/uptrain", "hf_attn_swap/methods",
+         "hf_attn_swap/export", "hf_attn_swap/evaluate/metrics.py"),  # fmt: skip
+        how="`bash scripts/uptrain_qwen.sh runs/uptrain-qwen` (≈ 25 min on 2 cores), then `python3 scripts/tables.py "
+        "--add runs/uptrain-qwen/uptrain.json results/uptrain_qwen.json`.",
+    ),
     "main_job_smollm2": Table(
         ("results/main_smollm2.json",),
         render_current,
