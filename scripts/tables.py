@@ -242,7 +242,12 @@ def render_current(sources: list[Source]) -> list[str]:
         if source.data is None:
             rows.append([label, f"pending: no generating JSON yet (`{source.path}`)", *["—"] * 7])
             continue
-        rows += _current_rows(source.data, label, engines)
+        seen = {(row[0], row[7]) for row in rows if str(row[1]).startswith("original")}
+        rows += [  # a second JSON of the same model and protocol (e.g. the Qwen GQA demo) repeats its original
+            row
+            for row in _current_rows(source.data, label, engines)
+            if not (str(row[1]).startswith("original") and (row[0], row[7]) in seen)
+        ]
     return markdown(CURRENT_COLUMNS, rows)
 
 
@@ -478,7 +483,8 @@ MLA_PRODUCERS = ("scripts/compare_peers.py", "hf_attn_swap/methods/mla", "hf_att
 
 TABLES: dict[str, Table] = {
     "current": Table(
-        ("results/main_smollm2.json", "results/main_qwen2.5-coder.json", RUNTIMES_JSON),
+        ("results/main_smollm2.json", "results/main_qwen2.5-coder.json", "results/main_qwen2.5-coder_gqa.json",
+         RUNTIMES_JSON),  # fmt: skip
         render_current,
         MAIN_PRODUCERS,
         how={
@@ -489,6 +495,10 @@ TABLES: dict[str, Table] = {
                 "(≈ 5 min on 2 CPU cores for SmolLM2)",
                 "(or `scripts/compare_peers.py --model qwen2.5-coder`'s JSON: its original and this-project rows)",
             ),
+            "results/main_qwen2.5-coder_gqa.json": "`python3 -m hf_attn_swap demo --model qwen2.5-coder "
+            "--mla-kv-budget none --max-tokens 4096 --workdir runs/demo-qwen` (GQA 2 -> 1 KV heads, `fit`; the "
+            "Qwen MLA rows' protocol), then `python3 scripts/tables.py --add runs/demo-qwen/demo.json "
+            "results/main_qwen2.5-coder_gqa.json`.",
             RUNTIMES_JSON: "`hf-attn-swap verify FOLDER --runtime vllm|llama.cpp|mlx` on the demo's output folders, "
             "then `python3 scripts/tables.py --verified smollm2-mla=runs/demo/smollm2-mla/verify.json ...` (model "
             "names: `smollm2`, `smollm2-mqa`, `smollm2-mla`; for a compare_peers JSON `qwen2.5-coder-mla-128`: KV "
