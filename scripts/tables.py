@@ -242,11 +242,11 @@ def render_current(sources: list[Source]) -> list[str]:
         if source.data is None:
             rows.append([label, f"pending: no generating JSON yet (`{source.path}`)", *["—"] * 7])
             continue
-        seen = {(row[0], row[7]) for row in rows if str(row[1]).startswith("original")}
-        rows += [  # a second JSON of the same model and protocol (e.g. the Qwen GQA demo) repeats its original
+        seen = {(row[0], row[4]) for row in rows if str(row[1]).startswith("original")}
+        rows += [  # a second JSON of the same model and text (e.g. the Qwen GQA demo) repeats its original
             row
             for row in _current_rows(source.data, label, engines)
-            if not (str(row[1]).startswith("original") and (row[0], row[7]) in seen)
+            if not (str(row[1]).startswith("original") and (row[0], row[4]) in seen)
         ]
     return markdown(CURRENT_COLUMNS, rows)
 
