@@ -162,7 +162,8 @@ class ConvertArguments:
         "any",
         "the engine the MLA export will be served with: vllm / sglang pad the latent to 512 + rope 64 (the only "
         "shape of vLLM's CPU_MLA and of FlashMLA); llama.cpp, mlx and transformers keep it unpadded (the smallest "
-        "cache and the fastest CPU decode); any: as the pad flags say",
+        "cache and the fastest CPU decode); any: as the pad flags say. --to gqa writes the stock family every "
+        "engine serves as it is: nothing to pad",
     )
 
 
