@@ -26,6 +26,7 @@ from ..io.shards import parse_size
 from ..methods.calibration import CalibrationConfig
 from ..methods.gqa import GQA_METHODS, GQAConversionConfig
 from ..methods.mla import MLAConversionConfig
+from ..methods.mla.convert import resolve_kv_budget
 from ..methods.options import option
 from ..methods.report import ConversionReport
 from .job import ConversionJob, GQAJob, MLAJob
@@ -197,8 +198,7 @@ def engine_options(engine: str, to: str, mla: MLAConversionConfig, src: str) -> 
     if mla.kv_budget is not None:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(check_source(src))
-        resolved = mla.resolved_split(get_adapter(config).layout(config))
+        resolved = resolve_kv_budget(AutoConfig.from_pretrained(check_source(src)), mla)
     rank, rope = resolved.kv_lora_rank or 0, resolved.qk_rope_head_dim or 0
     if rank > shape[0] or rope > shape[1]:
         raise ValueError(
