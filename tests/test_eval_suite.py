@@ -153,3 +153,25 @@ def test_decode_speed_repeats_runs_from_the_cropped_cache(kind):
     assert result["decode_runs"] > 1
     assert result["cache_class"] == {"dynamic": "DynamicCache", "latent": "LatentCache"}[kind]
     assert result["cache_bytes_per_token"] > 0
+
+
+def test_auto_attention_runs_mla_exports_on_the_latent_and_the_rest_as_loaded(pair, tmp_path):
+    """``--attn-implementation auto``: the stock deepseek_v3 export runs ``latent_sdpa`` with the perplexity of stock
+    ``sdpa`` (both cache the latent r + d_rope per layer); the Llama source keeps sdpa."""
+    from hf_attn_swap.evaluate.suite import evaluate_checkpoints
+    from hf_attn_swap.pipeline.convert import convert_checkpoint
+
+    src, _, text = pair
+    mla = tmp_path / "mla"
+    convert_checkpoint(src, mla, to="mla", mla={"kv_lora_rank": 8, "qk_rope_head_dim": 8})
+    config = json.loads((mla / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3"
+    models = {"src": str(src), "mla": str(mla)}
+    auto = evaluate_checkpoints(models, text, str(src), 300, 100, attn_implementation="auto")
+    stock = evaluate_checkpoints(models, text, str(src), 300, 100, attn_implementation="sdpa")
+    assert auto["src"]["attn_implementation"] == "sdpa" and auto["mla"]["attn_implementation"] == "latent_sdpa"
+    assert stock["mla"]["attn_implementation"] == "sdpa"
+    for name in models:
+        assert math.isclose(auto[name]["perplexity"], stock[name]["perplexity"], rel_tol=1e-5), name
+    latent_bytes = config["num_hidden_layers"] * (8 + 8) * 4
+    assert auto["mla"]["kv_cache_bytes_per_token"] == stock["mla"]["kv_cache_bytes_per_token"] == latent_bytes

@@ -45,6 +45,7 @@ TOLERANCE = 1e-3  # nats; measured engines agree to ~1e-5 in float32
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SMOLLM2_MLA = {"kv_lora_rank": 88, "qk_rope_head_dim": 32}  # -68.75 % KV, the split --kv-budget 0.3125 picks
 PADDED = {"pad_kv_lora_rank": 512, "pad_rope_dim": 64}  # vLLM CPU_MLA / FlashMLA kernel size
+RUNTIMES_DISK_BYTES = 10 * 2**30  # measured peak under the basetemp: 8.7 GiB (4 Qwen slices of 1.2 GiB, engine files)
 
 
 def save_like_the_hub(model, folder: Path) -> Path:
@@ -154,6 +155,13 @@ def models(tmp_path_factory) -> dict[str, Path]:
     """name -> folder; vLLM's CPU attention takes head sizes 32, 64, 80, 96, 112, 128, ... so every tiny model's
     (q/k head) size is one of those."""
     root = tmp_path_factory.mktemp("runtimes_models")
+    free = shutil.disk_usage(root).free
+    if free < RUNTIMES_DISK_BYTES:
+        pytest.fail(
+            f"the runtimes suite writes ~{RUNTIMES_DISK_BYTES / 2**30:.0f} GiB of exports under {root}; "
+            f"{free / 2**30:.1f} GiB free there: free disk space or pass --basetemp on a larger disk",
+            pytrace=False,
+        )
     smollm2 = example_model_path("smollm2")
     tiny = root / "tiny-llama-gqa2"
     model = tiny_model(

@@ -179,7 +179,7 @@ def evaluate_checkpoints(
 ) -> dict[str, dict]:
     """Load each checkpoint (name -> path) once, evaluate all on the same windows; adds measured KV bytes.
     ``loaded_models``, if given, receives the loaded models (name -> model) for further measurements."""
-    from ..io.checkpoints import load_causal_lm, load_tokenizer
+    from ..io.checkpoints import load_tokenizer
     from ..io.text import default_eval_files, load_token_ids, resolve_text_files
     from .metrics import evaluate_models, measure_kv_cache_bytes_per_token
 
@@ -189,11 +189,11 @@ def evaluate_checkpoints(
     first_path = next(iter(models.values()))
     tokenizer = load_tokenizer(reference or first_path)
     token_ids = load_token_ids(tokenizer, files, max_tokens)
-    loaded = {name: load_causal_lm(path, dtype, attn_implementation) for name, path in models.items()}
+    loaded = {name: load_for_eval(path, dtype, attn_implementation) for name, path in models.items()}
     ref_model = None
     if reference is not None:
         same = [name for name, path in models.items() if Path(path).resolve() == Path(reference).resolve()]
-        ref_model = loaded[same[0]] if same else load_causal_lm(reference, dtype, attn_implementation)
+        ref_model = loaded[same[0]] if same else load_for_eval(reference, dtype, attn_implementation)
         vocab_ref = ref_model.get_output_embeddings().weight.shape[0]
         for name, model in loaded.items():
             if model.get_output_embeddings().weight.shape[0] != vocab_ref:
@@ -213,6 +213,19 @@ def evaluate_checkpoints(
     if loaded_models is not None:
         loaded_models.update(loaded)
     return results
+
+
+def load_for_eval(path: str, dtype: str, attn_implementation: str | None):
+    """``load_causal_lm``; ``attn_implementation="auto"`` picks per checkpoint (``modeling.attention_for``:
+    ``latent_sdpa`` for MLA exports, transformers' default for the rest)."""
+    from transformers import AutoConfig
+
+    from ..io.checkpoints import load_causal_lm
+    from ..modeling import attention_for
+
+    if attn_implementation == "auto":
+        attn_implementation = attention_for(AutoConfig.from_pretrained(str(path)), "auto")
+    return load_causal_lm(path, dtype, attn_implementation)
 
 
 EVAL_COLUMNS = [

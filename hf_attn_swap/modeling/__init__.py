@@ -16,7 +16,7 @@ import transformers
 
 from . import bert, falcon, gpt2, gpt_neox, opt
 from .compat import CACHE_KWARG, CacheNotUpdatedError, cache_kwargs, output_cache, pop_cache
-from .latent_attention import register_latent_sdpa
+from .latent_attention import attention_for, register_latent_sdpa
 from .latent_cache import LatentCache, LatentLayer
 from .mla import LATENT_SDPA, MLA_MODEL_TYPE, MLAConfig, MLAForCausalLM, MLAModel, register_auto_classes
 
@@ -46,6 +46,7 @@ __all__ = [
     "MLAConfig",
     "MLAForCausalLM",
     "MLAModel",
+    "attention_for",
     "cache_kwargs",
     "output_cache",
     "pop_cache",

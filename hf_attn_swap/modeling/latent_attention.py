@@ -260,6 +260,16 @@ def _joint_view(latent: torch.Tensor, rope_key: torch.Tensor) -> torch.Tensor | 
     return latent.as_strided((*latent.shape[:3], latent.shape[-1] + rope_key.shape[-1]), latent.stride())
 
 
+def attention_for(config, requested: str | None) -> str | None:
+    """``requested``, except ``"auto"``: ``latent_sdpa`` for an MLA config (one with ``kv_lora_rank``: stock
+    ``deepseek_v3`` or the plugin's), else None (transformers' default). Stock ``sdpa`` on such an export re-expands
+    every cached latent at each decode step and runs its v head (64) under wider q/k heads (96) in CPU SDPA's
+    unfused kernel; ``latent_sdpa`` prefills expanded with V padded (fused) and decodes absorbed."""
+    if requested != "auto":
+        return requested
+    return LATENT_SDPA if getattr(config, "kv_lora_rank", None) else None
+
+
 def register_latent_sdpa() -> None:
     AttentionInterface.register(LATENT_SDPA, latent_sdpa_attention_forward)
     AttentionMaskInterface.register(LATENT_SDPA, sdpa_mask)

@@ -63,7 +63,15 @@ class EvalConfig:
     )
     batch_size: int = field(default=1, metadata={"help": "windows per forward"})
     dtype: EvalDType = field(default="float32", metadata={"help": "dtype the models are loaded in"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager"})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "e.g. sdpa, eager, latent_sdpa; auto: latent_sdpa for MLA checkpoints (absorbed decode over the "
+            "latent; stock sdpa re-expands the cached latent at every step and runs the narrower v head in CPU "
+            "SDPA's unfused kernel), "
+            "transformers' default for the rest"
+        },
+    )
     tasks: list[str] | None = field(
         default=None,
         metadata={
