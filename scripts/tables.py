@@ -480,6 +480,8 @@ MAIN_PRODUCERS = (
 BENCH_PRODUCERS = ("hf_attn_swap/pipeline/bench.py", "hf_attn_swap/pipeline/bench_models.py",
                    "hf_attn_swap/evaluate/roofline.py")  # fmt: skip
 MLA_PRODUCERS = ("scripts/compare_peers.py", "hf_attn_swap/methods/mla", "hf_attn_swap/export")
+#: what a long-context table of converted models depends on (the uptrained one adds hf_attn_swap/uptrain)
+LONGCONTEXT_PRODUCERS = ("hf_attn_swap/evaluate/longcontext.py", "hf_attn_swap/methods", "hf_attn_swap/export")
 
 TABLES: dict[str, Table] = {
     "current": Table(
@@ -538,7 +540,7 @@ TABLES: dict[str, Table] = {
     "longcontext_smollm2": Table(
         ("results/longcontext_smollm2.json",),
         render_longcontext_conversions,
-        ("hf_attn_swap/evaluate/longcontext.py", "hf_attn_swap/methods", "hf_attn_swap/export"),
+        LONGCONTEXT_PRODUCERS,
         how="convert SmolLM2 with `--to mqa --method fit` and `--to mla --kv-budget 0.5 / 0.3125 / 0.125`, then "
         "`hf-attn-swap eval original=... NAME=FOLDER ... --task needle ppl-position --lengths 2048 4096 8192 "
         "--depths 0.1 0.5 0.9 --trials 2 --ppl-sequences 2 --max-tokens 1024 --attn-implementation auto --json "
@@ -547,17 +549,17 @@ TABLES: dict[str, Table] = {
     "longcontext_qwen": Table(
         ("results/longcontext_qwen2.5-coder.json",),
         render_longcontext_conversions,
-        ("hf_attn_swap/evaluate/longcontext.py", "hf_attn_swap/methods", "hf_attn_swap/export"),
-        how="`hf-attn-swap eval original=$(hf-attn-swap example-model qwen2.5-coder) 'MQA fit (-50%)=runs/demo-qwen/Qwen2.5-Coder-0.5B-Instruct-kv1-fit' "
-        "'MLA -50%=runs/qwen/qwen2.5-coder-mla' 'MLA -75%=runs/qwen/qwen2.5-coder-mla-64' --task needle "
-        "ppl-position --lengths 4096 8192 16384 --depths 0.5 --trials 1 --ppl-sequences 1 --ppl-bucket 2048 --max-tokens 1024 "
-        "--attn-implementation auto --json runs/longcontext/qwen.json` (the exports: Qwen rows of the main table).",
+        LONGCONTEXT_PRODUCERS,
+        how="`hf-attn-swap eval original=$(hf-attn-swap example-model qwen2.5-coder) "
+        "'MQA fit (-50%)=runs/demo-qwen/Qwen2.5-Coder-0.5B-Instruct-kv1-fit' 'MLA -50%=runs/qwen/qwen2.5-coder-mla' "
+        "'MLA -75%=runs/qwen/qwen2.5-coder-mla-64' --task needle ppl-position --lengths 4096 8192 16384 --depths 0.5 "
+        "--trials 1 --ppl-sequences 1 --ppl-bucket 2048 --max-tokens 1024 --attn-implementation auto --json "
+        "runs/longcontext/qwen.json` (the exports: Qwen rows of the main table).",
     ),
     "longcontext_uptrain_smollm2": Table(
         ("results/longcontext_uptrain_smollm2.json",),
         render_longcontext_conversions,
-        ("hf_attn_swap/evaluate/longcontext.py", "hf_attn_swap/methods", "hf_attn_swap/export",
-         "hf_attn_swap/uptrain"),  # fmt: skip
+        (*LONGCONTEXT_PRODUCERS, "hf_attn_swap/uptrain"),
         how="`hf-attn-swap eval original=SRC 'MLA -68.75%=runs/demo/SmolLM2-135M-Instruct-mla' 'MLA -68.75% "
         "uptrained=runs/uptrain-sweep/mla-0.3125-layerwise-64k-distill-32k' --task needle ppl-position --lengths "
         "2048 4096 8192 --depths 0.1 0.5 0.9 --trials 1 --ppl-sequences 1 --max-tokens 1024 --json "
