@@ -226,6 +226,36 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny, tmp_path, capsys, flag
     assert folder_digest(tiny["mqa"]) == before
 
 
+def test_a_deepseek_v3_exports_scaled_latent_must_be_frozen(tiny, tmp_path, capsys):
+    """A stock deepseek_v3 export keeps kv_a_layernorm linear by scaling the latent rows of kv_a_proj_with_mqa to
+    ~1e-8 (Adam's first step would swamp them): every mode refuses to train them (one line naming the fix,
+    nothing written) unless a --freeze pattern covers them; LoRA's parameters under them are frozen too."""
+    from hf_attn_swap.pipeline.convert import convert_checkpoint
+    from hf_attn_swap.uptrain.base import LINEAR_REGIME_NORM_WEIGHT, exposed_scaled_latents
+
+    mla = tmp_path / "mla"
+    convert_checkpoint(tiny["src"], mla, to="mla", mla={"kv_lora_rank": 8, "qk_rope_head_dim": 8})
+    norms = [v for k, v in weights(mla).items() if k.endswith("kv_a_layernorm.weight")]
+    assert norms and min(float(v.abs().median()) for v in norms) > LINEAR_REGIME_NORM_WEIGHT
+    layers = len(norms)
+    assert len(exposed_scaled_latents(mla, None)) == layers
+    assert len(exposed_scaled_latents(mla, ["kv_a_proj_with_mqa.weight"])) == layers  # misses LoRA's A/B
+    assert exposed_scaled_latents(mla, ["kv_a_proj"]) == []
+    assert exposed_scaled_latents(tiny["mqa"], None) == []  # no latent norm
+    before = folder_digest(mla)
+    for mode in ("layerwise", "lora"):
+        flags = ["--mode", mode, "--data", str(tiny["data"]), "--max-tokens", "128", "--block-size", "64"]
+        assert cli_main(["uptrain", str(mla), str(tmp_path / "out"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert "--freeze kv_a_proj_with_mqa" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and folder_digest(mla) == before
+    cfg = config(tiny, tmp_path / "lora", model=str(mla), mode="lora", max_tokens=128, freeze=["kv_a_proj"])
+    uptrain(cfg)
+    old, new = weights(mla), weights(tmp_path / "lora")
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed and not [k for k in changed if "kv_a_proj_with_mqa" in k]
+
+
 def test_distill_without_teacher_names_the_fix(tiny, tmp_path, capsys):
     code = cli_main(
         ["uptrain", str(tiny["src"]), str(tmp_path / "o"), "--max-tokens", "64", "--mode", "distill"]

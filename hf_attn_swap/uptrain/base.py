@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from ..adapters import UnsupportedArchitectureError, get_adapter
+from ..io.shards import CheckpointReader
+
+#: a ``kv_a_layernorm`` weight (median of its magnitudes) above this is the stock ``deepseek_v3`` export's
+#: linear-regime norm, sqrt(eps) / kappa (measured 4e3 to 7e4 on SmolLM2 / Qwen2.5 exports); a trained
+#: RMSNorm's weights are O(1)
+LINEAR_REGIME_NORM_WEIGHT = 100.0
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -52,6 +60,30 @@ def freeze_matching(model: nn.Module, patterns: list[str] | None) -> list[str]:
         if name in frozen:
             p.requires_grad_(False)
     return frozen
+
+
+def exposed_scaled_latents(folder: str | Path, freeze: list[str] | None) -> list[str]:
+    """The ``kv_a_proj_with_mqa`` modules of the safetensors checkpoint in ``folder`` that training would move
+    although they must stay fixed: their layer's ``kv_a_layernorm`` runs in the linear regime of a stock
+    ``deepseek_v3`` export (``LINEAR_REGIME_NORM_WEIGHT``; latent rows scaled by kappa ~1e-8, so any Adam step
+    swamps them) and no ``freeze`` pattern is a substring of the module's name (the name every parameter of it,
+    LoRA's included, contains). Every mode trains them otherwise. [] for other checkpoints."""
+    try:
+        reader = CheckpointReader(folder)
+    except FileNotFoundError:
+        return []
+    suffix = ".kv_a_layernorm.weight"
+    norms = [name for name in reader.keys() if name.endswith(suffix)]
+    if not norms:
+        return []
+    patterns = freeze or []
+    exposed = []
+    for name, weight in reader.read(norms).items():
+        module = name[: -len(suffix)] + ".kv_a_proj_with_mqa"
+        scaled = float(weight.float().abs().median()) > LINEAR_REGIME_NORM_WEIGHT
+        if scaled and not any(pattern in module for pattern in patterns):
+            exposed.append(module)
+    return exposed
 
 
 def unwrap(model: nn.Module) -> nn.Module:

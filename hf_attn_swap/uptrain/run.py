@@ -21,7 +21,7 @@ from ..io.checkpoints import copy_tokenizer_files, load_causal_lm, load_tokenize
 from ..io.folders import atomic_output_dir, check_output, check_source, overlaps, write_json
 from ..io.text import default_eval_files, default_train_files, resolve_text_files
 from ..methods.report import REPORT_FILE, load_report
-from .base import Objective, freeze_matching
+from .base import Objective, exposed_scaled_latents, freeze_matching
 from .config import UptrainConfig
 from .data import packed_blocks, steps_for_budget
 from .distill import Distill
@@ -131,6 +131,13 @@ def validate(config: UptrainConfig) -> tuple[Objective, Path, Path, Path | None,
     Nothing is written."""
     objective, files = check_settings(config)
     model = check_source(config.model)
+    exposed = exposed_scaled_latents(model, config.freeze)
+    if exposed:
+        raise ValueError(
+            f"{str(model)!r} is a stock deepseek_v3 MLA export whose kv_a_layernorm runs in its linear regime "
+            f"(latent rows of kv_a_proj_with_mqa scaled to ~1e-8; {len(exposed)} layers): training them breaks "
+            "the latent. Add --freeze kv_a_proj_with_mqa (recipes: freeze: [kv_a_proj_with_mqa])"
+        )
     output = check_output(config.output, src=model, overwrite=config.overwrite)
     teacher = resolve_teacher(config.teacher, model, config.mode) if objective.needs_teacher else None
     checkpoints = config.checkpoint_path()
