@@ -480,6 +480,9 @@ MAIN_PRODUCERS = (
 BENCH_PRODUCERS = ("hf_attn_swap/pipeline/bench.py", "hf_attn_swap/pipeline/bench_models.py",
                    "hf_attn_swap/evaluate/roofline.py")  # fmt: skip
 MLA_PRODUCERS = ("scripts/compare_peers.py", "hf_attn_swap/methods/mla", "hf_attn_swap/export")
+#: what a kvpress table depends on
+KVPRESS_PRODUCERS = ("scripts/compare_kvpress.py", "hf_attn_swap/pipeline/compare_kvpress.py",
+                     "hf_attn_swap/pipeline/drivers/kvpress_driver.py", "hf_attn_swap/evaluate/longcontext.py")  # fmt: skip
 #: what a long-context table of converted models depends on (the uptrained one adds hf_attn_swap/uptrain)
 LONGCONTEXT_PRODUCERS = ("hf_attn_swap/evaluate/longcontext.py", "hf_attn_swap/methods", "hf_attn_swap/export")
 
@@ -529,13 +532,25 @@ TABLES: dict[str, Table] = {
     "longcontext_kvpress_smollm2": Table(
         ("results/longcontext_kvpress_smollm2_2048.json",),
         render_longcontext,
-        (
-            "scripts/compare_kvpress.py",
-            "hf_attn_swap/pipeline/compare_kvpress.py",
-            "hf_attn_swap/pipeline/drivers/kvpress_driver.py",
-            "hf_attn_swap/evaluate/longcontext.py",
-        ),
+        KVPRESS_PRODUCERS,
         how="`python3 scripts/compare_kvpress.py --model smollm2 --lengths 2048 --json runs/longcontext/kvpress.json`.",
+    ),
+    "longcontext_kvpress_qwen": Table(
+        ("results/longcontext_kvpress_qwen2.5-coder.json",),
+        render_longcontext,
+        KVPRESS_PRODUCERS,
+        how="`python3 scripts/compare_kvpress.py --model qwen2.5-coder --lengths 4096 8192 --depths 0.5 --trials 1 "
+        "--keep 0.5 --json runs/longcontext/kvpress_qwen_keep0.5.json` (the prompts of the Qwen long-context table).",
+    ),
+    "longcontext_kvpress_qwen_depths": Table(
+        ("results/longcontext_kvpress_qwen2.5-coder_4k_depths.json", "results/longcontext_qwen2.5-coder_4k_depths.json"),
+        render_longcontext,
+        (*KVPRESS_PRODUCERS, *LONGCONTEXT_PRODUCERS),
+        how="`python3 scripts/compare_kvpress.py --model qwen2.5-coder --lengths 4096 --depths 0.1 0.5 0.9 --trials 1 "
+        "--keep 0.5 --json runs/longcontext/kvpress_qwen_4k_depths.json` and `hf-attn-swap eval "
+        "'MQA fit (-50%)=runs/demo-qwen/Qwen2.5-Coder-0.5B-Instruct-kv1-fit' 'MLA -50%=runs/qwen/qwen2.5-coder-mla' "
+        "--task needle --lengths 4096 --depths 0.1 0.5 0.9 --trials 1 --max-tokens 1024 --attn-implementation auto --json "
+        "runs/longcontext/qwen_4k_depths.json` (same prompts).",
     ),
     "longcontext_smollm2": Table(
         ("results/longcontext_smollm2.json",),
