@@ -623,7 +623,7 @@ TABLES: dict[str, Table] = {
         render_archive,  # the JSON carries its columns and rows (scripts/uptrain_results.py --json)
         ("scripts/uptrain_sweep.sh", "scripts/uptrain_results.py", "hf_attn_swap/uptrain", "hf_attn_swap/methods",
          "hf_attn_swap/export", "hf_attn_swap/evaluate/metrics.py"),  # fmt: skip
-        how="`bash scripts/uptrain_sweep.sh runs/uptrain-sweep` (≈ 45 min on 2 cores), then `python3 scripts/tables.py "
+        how="`bash scripts/uptrain_sweep.sh runs/uptrain-sweep` (2 h 13 min on 2 cores shared with other jobs), then `python3 scripts/tables.py "
         "--add runs/uptrain-sweep/uptrain.json results/uptrain_smollm2.json`.",
     ),
     "uptrain_qwen": Table(
@@ -631,7 +631,7 @@ TABLES: dict[str, Table] = {
         render_archive,  # as uptrain_smollm2
         ("scripts/uptrain_qwen.sh", "scripts/uptrain_results.py", "hf_attn_swap/uptrain", "hf_attn_swap/methods",
          "hf_attn_swap/export", "hf_attn_swap/evaluate/metrics.py"),  # fmt: skip
-        how="`bash scripts/uptrain_qwen.sh runs/uptrain-qwen` (≈ 25 min on 2 cores), then `python3 scripts/tables.py "
+        how="`bash scripts/uptrain_qwen.sh runs/uptrain-qwen` (43 min on 2 cores shared with other jobs), then `python3 scripts/tables.py "
         "--add runs/uptrain-qwen/uptrain.json results/uptrain_qwen.json`.",
     ),
     "main_job_smollm2": Table(
