@@ -578,7 +578,7 @@ TABLES: dict[str, Table] = {
         how="`hf-attn-swap eval original=SRC 'MLA -68.75%=runs/demo/SmolLM2-135M-Instruct-mla' 'MLA -68.75% "
         "uptrained=runs/uptrain-sweep/mla-0.3125-layerwise-64k-distill-32k' --task needle ppl-position --lengths "
         "2048 4096 8192 --depths 0.1 0.5 0.9 --trials 1 --ppl-sequences 1 --max-tokens 1024 --json "
-        "runs/longcontext/v3/uptrained.json --plots runs/longcontext/v3/plots_uptrained` (≈ 25 min on 2 cores).",
+        "runs/longcontext/v5/uptrained.json --plots runs/longcontext/v5/plots_uptrained` (25 min on 2 idle cores; 66 min shared).",
     ),
     "prefill_smollm2": Table(
         ("results/prefill_smollm2_4096.json",),
